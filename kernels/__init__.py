@@ -1,0 +1,46 @@
+"""OScaR numerics and kernels (installed as ``oscar_compile.kernels``; imports no other project code).
+
+Each kernel module keeps a pure-torch reference (the CPU path and the test oracle) beside its Triton
+kernel. ``packing`` alone owns the byte layout of the codes.
+"""
+
+from .attention_ref import quantized_attention_ref
+from .hadamard import hadamard_block_size, hadamard_matrix, hadamard_transform
+from .packing import SUPPORTED_BITS, codes_per_byte, pack_codes, unpack_codes
+from .quantization import (
+    QuantizedKeys,
+    QuantizedValues,
+    dequantize_groups,
+    dequantize_keys,
+    dequantize_keys_transformed,
+    dequantize_values,
+    dequantize_values_transformed,
+    head_flags,
+    key_token_norms,
+    quantize_groups,
+    quantize_keys,
+    quantize_values,
+)
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "QuantizedKeys",
+    "QuantizedValues",
+    "codes_per_byte",
+    "dequantize_groups",
+    "dequantize_keys",
+    "dequantize_keys_transformed",
+    "dequantize_values",
+    "dequantize_values_transformed",
+    "hadamard_block_size",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "head_flags",
+    "key_token_norms",
+    "pack_codes",
+    "quantize_groups",
+    "quantize_keys",
+    "quantize_values",
+    "quantized_attention_ref",
+    "unpack_codes",
+]

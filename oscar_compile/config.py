@@ -1,0 +1,61 @@
+"""``OScaRConfig``: the one set of knobs every backend reads (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .kernels.packing import SUPPORTED_BITS
+
+__all__ = ["OScaRConfig"]
+
+
+@dataclass(frozen=True)
+class OScaRConfig:
+    """How keys and values are quantized.
+
+    Args:
+        bits: code width, 2 (default) or 4.
+        group_size: tokens per key group (per channel) and channels per value group (per token).
+        residual_length: newest tokens kept in full precision; a full block of this many is
+            quantized at once. A positive multiple of ``group_size``.
+        rotate_keys: Hadamard-rotate keys (and queries) before quantizing.
+        rotate_values: Hadamard-rotate values before quantizing (output rotated back).
+        token_scaling: divide each key token by its norm over all kv heads and channels.
+
+    All three switches on is the paper's OScaR (:meth:`paper`); all off is KIVI (:meth:`kivi`).
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    residual_length: int = 128
+    rotate_keys: bool = True
+    rotate_values: bool = True
+    token_scaling: bool = True
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"OScaRConfig.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 8:
+            raise ValueError(f"OScaRConfig.group_size must be a positive multiple of 8, got {self.group_size!r}")
+        r = self.residual_length
+        if not isinstance(r, int) or r <= 0 or r % self.group_size:
+            raise ValueError(
+                f"OScaRConfig.residual_length must be a positive multiple of group_size "
+                f"({self.group_size}), got {r!r}"
+            )
+        for name in ("rotate_keys", "rotate_values", "token_scaling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"OScaRConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @classmethod
+    def paper(cls, **overrides) -> "OScaRConfig":
+        """The paper's OScaR: rotate keys and values, scale keys by their omni-token norm."""
+        return cls(**{"rotate_keys": True, "rotate_values": True, "token_scaling": True, **overrides})
+
+    @classmethod
+    def kivi(cls, **overrides) -> "OScaRConfig":
+        """KIVI: plain per-channel keys / per-token values, nothing rotated or scaled."""
+        return cls(**{"rotate_keys": False, "rotate_values": False, "token_scaling": False, **overrides})
+
+    def replace(self, **changes) -> "OScaRConfig":
+        return replace(self, **changes)
