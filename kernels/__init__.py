@@ -4,7 +4,10 @@ Each kernel module keeps a pure-torch reference (the CPU path and the test oracl
 kernel. ``packing`` alone owns the byte layout of the codes.
 """
 
+from .append_kv import append_kv_ref
 from .attention_ref import quantized_attention_ref
+from .cache_attention import cache_attention_ref
+from .cache_layout import CacheFormat, CacheTensors, allocate_cache, cache_nbytes
 from .hadamard import hadamard_block_size, hadamard_matrix, hadamard_transform
 from .packing import SUPPORTED_BITS, codes_per_byte, pack_codes, unpack_codes
 from .quantization import (
@@ -23,6 +26,12 @@ from .quantization import (
 )
 
 __all__ = [
+    "CacheFormat",
+    "CacheTensors",
+    "allocate_cache",
+    "append_kv_ref",
+    "cache_attention_ref",
+    "cache_nbytes",
     "SUPPORTED_BITS",
     "QuantizedKeys",
     "QuantizedValues",
