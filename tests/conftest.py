@@ -1,0 +1,33 @@
+"""Shared test setup: environment before any kernel import, and hypothesis profiles.
+
+Strategies and helpers shared by test modules live in ``tests/testing_utils.py``.
+
+TRITON_INTERPRET must be set before triton kernel modules are imported so CPU runs the Triton
+kernels in the interpreter; OMP_NUM_THREADS=1 keeps compiled CPU code stable on small shared boxes.
+"""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not os.environ.get("OSCAR_TEST_CUDA"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+torch.set_num_threads(1)
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,18 @@
+"""Hypothesis strategies and small helpers shared by the test modules (tests/ is on sys.path)."""
+
+import torch
+from hypothesis import strategies as st
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEAD_DIMS = (32, 64, 96, 128, 256)  # 96: non-power-of-two (Hadamard blocks of 32)
+
+float_dtypes = st.sampled_from(FLOAT_DTYPES)
+head_dims = st.sampled_from(HEAD_DIMS)
+bits = st.sampled_from((2, 4))
+seeds = st.integers(0, 2**31 - 1)
+
+
+def randn(shape, dtype=torch.float32, seed=0, scale=1.0):
+    """Deterministic normal tensor (fp32 draw, then cast)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
