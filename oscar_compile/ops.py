@@ -1,0 +1,275 @@
+"""``torch.library`` ops over one layer's OScaR cache: the only module that registers ops.
+
+Two ops, named as the graph passes and the cache subclass call them:
+
+* ``torch.ops.oscar.append_kv(<10 mutable cache tensors>, key_rotated, key_scaled, new_keys, new_values,
+  skip, bits, group_size, residual_length, rotate_values) -> ()``: quantize-on-write
+  (``kernels.append_kv``). Mutates ``key_codes .. lengths`` (the first 10 tensors) in place.
+* ``torch.ops.oscar.attention(query, <12 cache tensors>, new_keys, new_values, skip, bits, group_size,
+  residual_length, rotate_values, scale, softcap, window) -> Tensor``: the step's queries over the
+  stored cache plus the step's own keys/values at full precision (``kernels.cache_attention``). Returns
+  a new contiguous tensor with the query's shape and dtype.
+
+The 12 cache tensors are passed in :class:`~oscar_compile.kernels.CacheTensors` order. Step order is
+attention first, then append (DESIGN.md §2, "attend-then-append").
+
+Backends:
+
+* fake impls: shapes only (no data access), so ``torch.compile`` traces both ops with static shapes;
+* CPU: the pure-torch references ``append_kv_ref`` / ``cache_attention_ref`` (host-synchronizing);
+* CUDA: the Triton launchers ``kernels.append_kv.append_kv`` / ``kernels.cache_attention.cache_attention``
+  through ``torch.library.triton_op``: under torch.compile on CUDA the op is decomposed into its
+  ``wrap_triton`` kernel calls, so Inductor sees (and CUDA graphs capture) the kernels. For that the
+  launchers must call their kernels as ``wrap_triton(_kernel)[grid](...)`` and do no host syncs.
+  On any other device (and when the launcher is not importable) the op stays opaque during tracing: the
+  DESIGN §4 pitfall is that ``triton_op`` cannot be traced when Triton runs in the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+from .kernels.append_kv import append_kv_ref
+from .kernels.cache_attention import cache_attention_ref
+from .kernels.cache_layout import CacheFormat, CacheTensors
+
+__all__ = ["append_kv", "attention", "triton_launcher"]
+
+Tensor = torch.Tensor
+
+# The first 10 CacheTensors fields: everything append_kv writes. key_rotated/key_scaled are read only.
+APPEND_MUTATES = (
+    "key_codes",
+    "key_mn",
+    "key_scale",
+    "key_norms",
+    "value_codes",
+    "value_mn",
+    "value_scale",
+    "residual_keys",
+    "residual_values",
+    "lengths",
+)
+assert APPEND_MUTATES == CacheTensors._fields[:10]
+
+
+def triton_launcher(name: str):
+    """The Triton launcher ``kernels.<name>.<name>``-style callable, or None while it does not exist.
+
+    ``name`` is ``"append_kv"`` or ``"cache_attention"``. Imported lazily: importing Triton kernel
+    modules must wait until ``TRITON_INTERPRET`` is settled, and the launchers are added separately.
+    """
+    try:
+        module = importlib.import_module(f"oscar_compile.kernels.{name}")
+    except ImportError:
+        return None
+    return getattr(module, name, None)
+
+
+def _decompose_on_cuda(launcher_name: str, fn):
+    """FunctionalTensorMode handler replacing triton_op's: decompose only on CUDA with a launcher.
+
+    Elsewhere keep the op opaque (functionalized as a custom op), as triton_op itself does for export.
+    """
+
+    def handler(mode, op, types, args, kwargs):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        if any(
+            not issubclass(t, torch._subclasses.FakeTensor)
+            and t not in (torch.Tensor, torch._subclasses.functional_tensor.FunctionalTensor)
+            for t in types
+        ):
+            return NotImplemented
+        device = args[0].device
+        if (
+            device.type == "cuda"
+            and not custom_triton_ops_decomposition_disabled()
+            and triton_launcher(launcher_name) is not None
+        ):
+            with mode:
+                return fn(*args, **kwargs)
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+
+    return handler
+
+
+# ---------------------------------------------------------------------------------------------------
+# append_kv
+
+
+def _append_kv_triton(
+    key_codes: Tensor,
+    key_mn: Tensor,
+    key_scale: Tensor,
+    key_norms: Tensor,
+    value_codes: Tensor,
+    value_mn: Tensor,
+    value_scale: Tensor,
+    residual_keys: Tensor,
+    residual_values: Tensor,
+    lengths: Tensor,
+    key_rotated: Tensor,
+    key_scaled: Tensor,
+    new_keys: Tensor,
+    new_values: Tensor,
+    skip: Optional[Tensor],
+    bits: int,
+    group_size: int,
+    residual_length: int,
+    rotate_values: bool,
+) -> None:
+    cache = CacheTensors(
+        key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale,
+        residual_keys, residual_values, lengths, key_rotated, key_scaled,
+    )  # fmt: skip
+    fmt = CacheFormat(bits, group_size, residual_length, rotate_values)
+    launcher = triton_launcher("append_kv")
+    if launcher is None:  # no Triton launcher yet: the reference runs on any device
+        append_kv_ref(cache, fmt, new_keys, new_values, skip)
+        return
+    launcher(cache, fmt, new_keys, new_values, skip)
+
+
+_append_kv_op = torch.library.triton_op("oscar::append_kv", _append_kv_triton, mutates_args=APPEND_MUTATES)
+
+
+@_append_kv_op.register_kernel("cpu")
+def _(key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale, residual_keys,
+      residual_values, lengths, key_rotated, key_scaled, new_keys, new_values, skip, bits, group_size,
+      residual_length, rotate_values):  # fmt: skip
+    cache = CacheTensors(
+        key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale,
+        residual_keys, residual_values, lengths, key_rotated, key_scaled,
+    )  # fmt: skip
+    append_kv_ref(cache, CacheFormat(bits, group_size, residual_length, rotate_values), new_keys, new_values, skip)
+
+
+@_append_kv_op.register_fake
+def _(*args, **kwargs):
+    return None
+
+
+_append_kv_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda("append_kv", _append_kv_triton))
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention
+
+
+def _attention_triton(
+    query: Tensor,
+    key_codes: Tensor,
+    key_mn: Tensor,
+    key_scale: Tensor,
+    key_norms: Tensor,
+    value_codes: Tensor,
+    value_mn: Tensor,
+    value_scale: Tensor,
+    residual_keys: Tensor,
+    residual_values: Tensor,
+    lengths: Tensor,
+    key_rotated: Tensor,
+    key_scaled: Tensor,
+    new_keys: Optional[Tensor],
+    new_values: Optional[Tensor],
+    skip: Optional[Tensor],
+    bits: int,
+    group_size: int,
+    residual_length: int,
+    rotate_values: bool,
+    scale: float,
+    softcap: Optional[float],
+    window: Optional[int],
+) -> Tensor:
+    cache = CacheTensors(
+        key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale,
+        residual_keys, residual_values, lengths, key_rotated, key_scaled,
+    )  # fmt: skip
+    fmt = CacheFormat(bits, group_size, residual_length, rotate_values)
+    launcher = triton_launcher("cache_attention") or cache_attention_ref
+    out = launcher(query, cache, fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
+    return out.contiguous()
+
+
+_attention_op = torch.library.triton_op("oscar::attention", _attention_triton, mutates_args=())
+
+
+@_attention_op.register_kernel("cpu")
+def _(query, key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale, residual_keys,
+      residual_values, lengths, key_rotated, key_scaled, new_keys, new_values, skip, bits, group_size,
+      residual_length, rotate_values, scale, softcap, window):  # fmt: skip
+    cache = CacheTensors(
+        key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale,
+        residual_keys, residual_values, lengths, key_rotated, key_scaled,
+    )  # fmt: skip
+    fmt = CacheFormat(bits, group_size, residual_length, rotate_values)
+    out = cache_attention_ref(query, cache, fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
+    return out.contiguous()  # the fake impl promises a contiguous output
+
+
+@_attention_op.register_fake
+def _(query, *args, **kwargs):
+    # query: [B, Hq, T, D] -> same shape/dtype, contiguous
+    return torch.empty(query.shape, dtype=query.dtype, device=query.device)
+
+
+_attention_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda("cache_attention", _attention_triton))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python wrappers
+
+
+def append_kv(
+    cache: CacheTensors,
+    fmt: CacheFormat,
+    new_keys: Tensor,
+    new_values: Tensor,
+    skip: Optional[Tensor] = None,
+) -> None:
+    """Append ``new_keys``/``new_values`` ``[B, Hkv, T_new, D]`` to ``cache`` in place.
+
+    skip: int ``[B]``, leading tokens of this chunk that are left padding (never stored); None means 0.
+    """
+    torch.ops.oscar.append_kv(
+        *cache, new_keys, new_values, skip, fmt.bits, fmt.group_size, fmt.residual_length, fmt.rotate_values
+    )
+
+
+def attention(
+    query: Tensor,
+    cache: CacheTensors,
+    fmt: CacheFormat,
+    new_keys: Optional[Tensor] = None,
+    new_values: Optional[Tensor] = None,
+    skip: Optional[Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+) -> Tensor:
+    """query ``[B, Hq, T, D]`` over the stored cache plus ``new_*`` ``[B, Hkv, T, D]`` -> ``[B, Hq, T, D]``.
+
+    scale defaults to ``D ** -0.5``; ``softcap``/``window`` as in ``kernels.cache_attention``.
+    """
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    return torch.ops.oscar.attention(
+        query,
+        *cache,
+        new_keys,
+        new_values,
+        skip,
+        fmt.bits,
+        fmt.group_size,
+        fmt.residual_length,
+        fmt.rotate_values,
+        float(scale),
+        None if softcap is None else float(softcap),
+        None if window is None else int(window),
+    )

@@ -1,0 +1,105 @@
+"""oscar::append_kv / oscar::attention: opcheck, equality with the references, and compile."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oscar_compile import ops
+from oscar_compile.kernels import CacheFormat, allocate_cache, append_kv_ref, cache_attention_ref
+from testing_utils import randn
+
+FMT = CacheFormat(bits=2, group_size=32, residual_length=32, rotate_values=True)
+
+
+def _filled_cache(fmt, lengths, batch=2, kv_heads=2, head_dim=64, max_len=128, dtype=torch.float32, seed=0):
+    cache = allocate_cache(batch, kv_heads, max_len, head_dim, fmt, dtype)
+    t = max(lengths)
+    k = randn((batch, kv_heads, t, head_dim), dtype, seed)
+    v = randn((batch, kv_heads, t, head_dim), dtype, seed + 1)
+    skip = torch.tensor([t - n for n in lengths], dtype=torch.int32)
+    append_kv_ref(cache, fmt, k, v, skip)
+    return cache
+
+
+def _clone(cache):
+    return type(cache)(*(t.clone() for t in cache))
+
+
+def test_schemas():
+    append = torch.ops.oscar.append_kv.default._schema
+    mutable = [a.name for a in append.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert tuple(mutable) == ops.APPEND_MUTATES
+    attn = torch.ops.oscar.attention.default._schema
+    assert not any(a.alias_info is not None and a.alias_info.is_write for a in attn.arguments)
+    assert [a.name for a in attn.arguments[-3:]] == ["scale", "softcap", "window"]
+
+
+def test_opcheck_append_kv():
+    cache = _filled_cache(FMT, [20, 45])
+    k, v = randn((2, 2, 40, 64), seed=3), randn((2, 2, 40, 64), seed=4)
+    skip = torch.tensor([0, 7], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.oscar.append_kv.default, (*cache, k, v, skip, 2, 32, 32, True))
+    torch.library.opcheck(torch.ops.oscar.append_kv.default, (*cache, k, v, None, 2, 32, 32, True))
+
+
+@pytest.mark.parametrize("new", [True, False])
+def test_opcheck_attention(new):
+    cache = _filled_cache(FMT, [33, 70])
+    q = randn((2, 4, 3, 64), seed=5)
+    nk = randn((2, 2, 3, 64), seed=6) if new else None
+    nv = randn((2, 2, 3, 64), seed=7) if new else None
+    skip = torch.tensor([1, 0], dtype=torch.int32) if new else None
+    for softcap, window in ((None, None), (20.0, 16)):
+        args = (q, *cache, nk, nv, skip, 2, 32, 32, True, 0.125, softcap, window)
+        torch.library.opcheck(torch.ops.oscar.attention.default, args)
+
+
+@settings(max_examples=8)
+@given(
+    lengths=st.lists(st.integers(0, 70), min_size=2, max_size=2),
+    t_new=st.integers(1, 40),
+    bits=st.sampled_from((2, 4)),
+    dtype=st.sampled_from((torch.float32, torch.bfloat16)),
+    seed=st.integers(0, 1000),
+)
+def test_wrappers_match_references(lengths, t_new, bits, dtype, seed):
+    fmt = FMT._replace(bits=bits)
+    cache = _filled_cache(fmt, lengths, dtype=dtype, seed=seed)
+    ref = _clone(cache)
+    q = randn((2, 4, t_new, 64), dtype, seed + 2)
+    k, v = randn((2, 2, t_new, 64), dtype, seed + 3), randn((2, 2, t_new, 64), dtype, seed + 4)
+    skip = torch.tensor([0, t_new // 2], dtype=torch.int32)
+    out = ops.attention(q, cache, fmt, k, v, skip, window=24)
+    assert out.is_contiguous() and out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out, cache_attention_ref(q, ref, fmt, k, v, skip, window=24), rtol=0, atol=0)
+    ops.append_kv(cache, fmt, k, v, skip)
+    append_kv_ref(ref, fmt, k, v, skip)
+    for a, b in zip(cache, ref):
+        assert torch.equal(a, b)
+
+
+def test_compiled_step_matches_eager():
+    torch._dynamo.reset()
+    cache, ref = allocate_cache(2, 2, 128, 64, FMT, torch.float32), allocate_cache(2, 2, 128, 64, FMT, torch.float32)
+
+    def step(q, k, v, c):
+        out = ops.attention(q, c, FMT, k, v)
+        ops.append_kv(c, FMT, k, v)
+        return out * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    for i, t in enumerate((40, 1, 1, 30)):
+        q = randn((2, 4, t, 64), seed=10 * i)
+        k, v = randn((2, 2, t, 64), seed=10 * i + 1), randn((2, 2, t, 64), seed=10 * i + 2)
+        torch.testing.assert_close(compiled(q, k, v, cache), step(q, k, v, ref), rtol=0, atol=0)
+        for a, b in zip(cache, ref):
+            assert torch.equal(a, b)
+    assert cache.lengths.tolist() == [72, 72]
+
+
+def test_overflow_raises():
+    cache = _filled_cache(FMT, [120, 10])
+    k = randn((2, 2, 9, 64))
+    with pytest.raises(ValueError, match="overflow"):
+        ops.append_kv(cache, FMT, k, k)
