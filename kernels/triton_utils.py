@@ -1,0 +1,165 @@
+"""Triton building blocks shared by the cache kernels (append_kv, cache_attention).
+
+* ``_fwht_rows``: the Walsh–Hadamard butterfly of :func:`kernels.hadamard.hadamard_transform` on the
+  rows of a register tile, stage for stage in the same order (half = block/2 down to 1, ``a+b`` then
+  ``a-b``), so fp32 results are bit-identical to the reference before the ``1/sqrt(block)`` factor.
+* ``_unpack_tokens`` / ``_unpack_channels`` / ``_pack_tokens`` / ``_pack_channels``: the in-register
+  form of the byte layout that ``kernels/packing.py`` documents (lowest bits first, ``8 // bits`` codes
+  per byte; keys packed along tokens, values along channels). packing.py stays the one description of
+  the layout; these helpers are its Triton mirror and are tested bit-exact against it.
+* host helpers: torch's scalar-division rule per device (for bit-exact codes), SM count.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["hadamard_scale", "levels_scale", "num_sms", "next_pow2"]
+
+
+def _fix_interpreter_loop_bounds() -> None:
+    """Let ``range(lo, hi)`` with run-time bounds work under ``TRITON_INTERPRET=1`` with numpy >= 2.3.
+
+    The Triton 3.6 interpreter holds scalars as 1-element arrays and converts loop bounds with
+    ``int(array)``, which numpy 2.3+ rejects for arrays with ndim > 0 ("only 0-dimensional arrays can
+    be converted to Python scalars"). Re-register ``__index__`` to read the single element. Only
+    touches the interpreter (CPU test path); compiled GPU kernels are unaffected.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_oscar_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._oscar_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_loop_bounds()
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def hadamard_scale(block: int, device: torch.device) -> float:
+    """The fp32 factor the kernels apply after the butterflies, matching torch's ``y / sqrt(block)``.
+
+    torch divides a float tensor by a Python scalar differently per device: the CPU kernel divides
+    (``y / fp32(s)``), the CUDA kernel multiplies by the fp32 reciprocal (``y * (1 / fp32(s))``, see
+    ``div_true_kernel_cuda``). The kernels take a ``SCALAR_RECIP`` constexpr and this factor so they
+    round exactly like the reference on the same device.
+    """
+    s = np.float32(math.sqrt(block))
+    return float(np.float32(1.0) / s) if device.type == "cuda" else float(s)
+
+
+def levels_scale(bits: int, device: torch.device) -> float:
+    """Same rule as :func:`hadamard_scale` for ``(max - min) / (2**bits - 1)``."""
+    levels = np.float32((1 << bits) - 1)
+    return float(np.float32(1.0) / levels) if device.type == "cuda" else float(levels)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessor count (host query, cached; 4 for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def _scalar_scale(x, factor, SCALAR_RECIP: tl.constexpr):
+    # x / s on CPU, x * (1/s) on CUDA: the way torch evaluates tensor / python-scalar (see hadamard_scale).
+    if SCALAR_RECIP:
+        return x * factor
+    else:
+        return tl.math.div_rn(x, factor)
+
+
+@triton.jit
+def _fwht_rows(x, M: tl.constexpr, D: tl.constexpr, LOG2_HB: tl.constexpr):
+    # x: [M, D] fp32 -> x @ blockdiag(H_b) * sqrt(b), b = 2**LOG2_HB (unnormalized; caller scales).
+    # Same stage order as hadamard.hadamard_transform: half = b/2, b/4, ..., 1.
+    for stage in tl.static_range(LOG2_HB):
+        HALF: tl.constexpr = (1 << LOG2_HB) >> (stage + 1)
+        y = tl.reshape(x, (M, D // (2 * HALF), 2, HALF))
+        y = tl.permute(y, (0, 1, 3, 2))
+        a, b = tl.split(y)
+        y = tl.join(a + b, a - b)
+        y = tl.permute(y, (0, 1, 3, 2))
+        x = tl.reshape(y, (M, D))
+    return x
+
+
+@triton.jit
+def _unpack_tokens(packed, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    # packed: [ROWS // PER_BYTE, D] uint8 (keys, packed along tokens) -> codes [ROWS, D] int32.
+    PER_BYTE: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    shifts = tl.arange(0, PER_BYTE) * BITS
+    c = (packed.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & MASK
+    return tl.reshape(c, (ROWS, D))
+
+
+@triton.jit
+def _unpack_channels(packed, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    # packed: [ROWS, D // PER_BYTE] uint8 (values, packed along channels) -> codes [ROWS, D] int32.
+    PER_BYTE: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    shifts = tl.arange(0, PER_BYTE) * BITS
+    c = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & MASK
+    return tl.reshape(c, (ROWS, D))
+
+
+@triton.jit
+def _pack_tokens(codes, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    # codes: [ROWS, D] int32 in [0, 2**BITS) -> [ROWS // PER_BYTE, D] uint8, token 4j+i at bits 2i.
+    PER_BYTE: tl.constexpr = 8 // BITS
+    shifts = tl.arange(0, PER_BYTE) * BITS
+    c = tl.reshape(codes, (ROWS // PER_BYTE, PER_BYTE, D))
+    return tl.sum(c << shifts[None, :, None], axis=1).to(tl.uint8)
+
+
+@triton.jit
+def _pack_channels(codes, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    # codes: [ROWS, D] int32 -> [ROWS, D // PER_BYTE] uint8, channel 4j+i at bits 2i.
+    PER_BYTE: tl.constexpr = 8 // BITS
+    shifts = tl.arange(0, PER_BYTE) * BITS
+    c = tl.reshape(codes, (ROWS, D // PER_BYTE, PER_BYTE))
+    return tl.sum(c << shifts[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def _quantize_tile(x, LEVELS: tl.constexpr, AXIS: tl.constexpr, lscale, SCALAR_RECIP: tl.constexpr):
+    # x: fp32 tile; one (mn, scale) per slice reduced over AXIS (kept with size 1). Mirrors
+    # quantization.quantize_groups op for op: mn = fp16(min), scale = fp16((max - min) / LEVELS),
+    # inv = 1/scale (IEEE, 0 when scale == 0), code = clamp(floor((x - mn) * inv + 0.5), 0, LEVELS).
+    # The launch sets enable_fp_fusion=False so (x - mn) * inv + 0.5 is not contracted into an FMA.
+    lo = tl.min(x, axis=AXIS, keep_dims=True)
+    hi = tl.max(x, axis=AXIS, keep_dims=True)
+    mn = lo.to(tl.float16)
+    sc = _scalar_scale(hi - lo, lscale, SCALAR_RECIP).to(tl.float16)
+    mnf = mn.to(tl.float32)
+    scf = sc.to(tl.float32)
+    inv = tl.where(scf > 0, tl.math.div_rn(tl.full(scf.shape, 1.0, tl.float32), scf), 0.0)
+    y = (x - mnf) * inv
+    code = tl.floor(y + 0.5)
+    code = tl.minimum(tl.maximum(code, 0.0), LEVELS).to(tl.int32)
+    return code, mn, sc
