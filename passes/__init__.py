@@ -1,4 +1,39 @@
 """Graph passes that find attention-with-KV-cache sites and rewrite them to OScaR ops.
 
-Installed as ``oscar_compile.passes``. (Populated by the graph-pass work; see README.)
+Installed as ``oscar_compile.passes``.
+
+Approach (one pass, on the Dynamo graph; see README "oscar.compile"):
+
+1. :mod:`.sites` finds attention nodes (SDPA in torch or aten form, or decomposed
+   matmul-scale-mask-softmax-matmul), traces their key/value back through layout ops (views,
+   transposes, repeat_kv / repeat_interleave GQA, casts, sequence prefixes) to graph inputs, finds the
+   in-place writes of those inputs (``index_copy_``, ``index_put_``/setitem, ``copy_`` into a slice),
+   classifies the mask and checks preconditions. It returns a :class:`~.sites.Site` or a reason.
+2. :mod:`.rewrite` groups sites by cache and rewrites a group whole (or not at all): the writes become
+   one ``oscar::append_kv`` after the last reader, each attention ``oscar::attention`` on OScaR state
+   registered on the GraphModule; the full-precision placeholder is left without users.
+3. :mod:`.backend` runs that inside a torch.compile backend (``backend="oscar"``) before Inductor and
+   frees the storage of replaced caches; :class:`~.backend.OScaRInductorPass` is the Inductor
+   ``CustomGraphPass`` (discovery and report on post-grad ATen graphs).
+4. :mod:`.report` records what was rewritten or skipped and why, and the KV memory before/after.
 """
+
+from .backend import OScaRBackend, OScaRInductorPass, default_backend, oscar_backend
+from .report import OScaRReport, SiteRecord
+from .rewrite import CacheState, StateRegistry, rewrite_graph
+from .sites import Site, find_attention_nodes, match_attention
+
+__all__ = [
+    "CacheState",
+    "OScaRBackend",
+    "OScaRInductorPass",
+    "OScaRReport",
+    "Site",
+    "SiteRecord",
+    "StateRegistry",
+    "default_backend",
+    "find_attention_nodes",
+    "match_attention",
+    "oscar_backend",
+    "rewrite_graph",
+]

@@ -1,0 +1,132 @@
+"""Entry points into torch.compile: the ``"oscar"`` Dynamo backend and an Inductor ``CustomGraphPass``.
+
+The rewrite runs on the Dynamo graph (torch IR), where cache buffers are graph inputs whose real tensors
+the backend receives: that is where OScaR state can be attached (as GraphModule buffers) and the
+full-precision storage freed. The post-grad Inductor pass (:class:`OScaRInductorPass`) sees only the
+functionalized ATen graph; it discovers and reports sites there (aten SDPA variants, functional
+``index_put``/``index_copy`` writes) but cannot add state inputs, so it does not rewrite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from ..config import OScaRConfig
+from .report import OScaRReport
+from .rewrite import StateRegistry, rewrite_graph, site_name
+from .sites import find_attention_nodes, match_attention
+
+__all__ = ["OScaRBackend", "OScaRInductorPass", "oscar_backend", "default_backend"]
+
+
+class OScaRBackend:
+    """A torch.compile backend: rewrite the Dynamo graph's KV-cache attention, then compile with Inductor.
+
+    Args:
+        config: :class:`OScaRConfig` (defaults to ``OScaRConfig()``).
+        report: where matches and skips are recorded (a fresh :class:`OScaRReport` by default).
+        inductor_options: Inductor config patches (what ``torch.compile(options=..., mode=...)`` would set).
+        inner: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph as is; for debugging).
+        free_full_precision: free the storage of replaced caches once their graph is compiled.
+    """
+
+    def __init__(self, config=None, report=None, inductor_options=None, inner="inductor", free_full_precision=True):
+        self.config = config or OScaRConfig()
+        if not isinstance(self.config, OScaRConfig):
+            raise TypeError(f"config must be an OScaRConfig, got {type(self.config).__name__}")
+        if inner not in ("inductor", "eager"):
+            raise ValueError(f"inner must be 'inductor' or 'eager', got {inner!r}")
+        self.report = report if report is not None else OScaRReport(self.config)
+        self.registry = StateRegistry(self.config)
+        self.inductor_options = dict(inductor_options or {})
+        self.inner = inner
+        self.free_full_precision = free_full_precision
+        self.graphs = []  # rewritten GraphModules, for inspection and tests
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
+        rewrite_graph(gm, example_inputs, self.registry, self.report)
+        self.graphs.append(gm)
+        if self.inner == "eager":
+            compiled = gm.forward
+        else:
+            from torch._inductor.compile_fx import compile_fx
+
+            compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_options or None)
+        if self.free_full_precision:
+            self._free()
+        return compiled
+
+    def _free(self) -> None:
+        for state in self.registry.states.values():
+            for t in (state.key, state.value):
+                storage = t.untyped_storage()
+                if storage.nbytes() and storage.nbytes() == t.numel() * t.element_size():
+                    storage.resize_(0)  # the tensor keeps its metadata (guards pass); reading it raises
+
+
+_DEFAULT: dict[str, OScaRBackend] = {}
+
+
+def default_backend(config=None) -> OScaRBackend:
+    """The shared backend behind ``backend="oscar"`` for ``config`` (its ``.report`` says what it did)."""
+    config = config or OScaRConfig()
+    return _DEFAULT.setdefault(repr(config), OScaRBackend(config))
+
+
+@torch._dynamo.register_backend(name="oscar")
+def oscar_backend(gm, example_inputs, options=None, mode=None):
+    """``torch.compile(model, backend="oscar", options={"oscar_config": OScaRConfig(...), **inductor})``."""
+    options = dict(options or {})
+    config = options.pop("oscar_config", None)
+    backend = default_backend(config)
+    if mode is not None:
+        options = {**torch._inductor.list_mode_options(mode), **options}
+    backend.inductor_options = options
+    return backend(gm, example_inputs)
+
+
+def _pass_sources_hash() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
+class OScaRInductorPass(CustomGraphPass):
+    """Inductor post-grad pass: discover attention-with-KV-cache sites in the ATen graph and report them.
+
+    Register with ``torch._inductor.config.patch(post_grad_custom_post_pass=OScaRInductorPass(config))``.
+    ``uuid()`` hashes this package's sources plus ``repr(config)`` so cached graphs go stale when either
+    changes. Sites found here are recorded under ``report.sites_found`` / ``report.skipped``; the rewrite
+    itself needs the Dynamo-level backend (see module docstring).
+    """
+
+    def __init__(self, config=None, report=None):
+        self.config = config or OScaRConfig()
+        self.report = report if report is not None else OScaRReport(self.config)
+        self.found = []  # (site name, Site) matched on ATen graphs
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.report.graphs += 1
+        values = {}
+        for n in graph.nodes:
+            if n.op == "placeholder":
+                values[n] = n.meta.get("val")
+        for node in find_attention_nodes(graph):
+            site = match_attention(node, values, self.config.group_size)
+            name = site_name(node)
+            if isinstance(site, str):
+                self.report.add_skipped(name, site)
+            else:
+                self.found.append((name, site))
+
+    def uuid(self):
+        return hashlib.sha256((_pass_sources_hash() + repr(self.config)).encode()).hexdigest()

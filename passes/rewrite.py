@@ -1,0 +1,306 @@
+"""Rewrite matched sites of a Dynamo graph to ``oscar::attention`` + ``oscar::append_kv`` on OScaR state.
+
+Per cache (a key/value pair of graph inputs) the sites reading it form a group; a group is rewritten whole
+or not at all. For a group:
+
+* the OScaR state (:class:`CacheState`, 12 tensors) is registered on the GraphModule as buffers and read
+  with ``get_attr`` (AOT lifts them as mutable inputs; every graph shares the same tensors);
+* ``sync_lengths`` resets the state when position 0 is written (a new sequence) and asserts on device that
+  the step writes at consecutive positions starting at the stored length (the OScaR cache appends);
+* each reader's attention becomes ``oscar::attention(query, state, new_keys, new_values)`` (GQA expansion
+  dropped; the scale carried; the causal mask is the op's own), placed where the attention was;
+* the two writes become one ``oscar::append_kv`` after the last reader (attend-then-append, DESIGN §2).
+
+Placeholders of the replaced full-precision caches are left without users; their storage is freed by the
+caller once the graph is compiled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch._dynamo.source import ConstantSource
+
+from ..kernels.cache_layout import CacheFormat, CacheTensors, allocate_cache, cache_nbytes
+from .report import OScaRReport, SiteRecord
+from .sites import Site, find_attention_nodes, match_attention, op_name, shape_of
+
+__all__ = ["CacheState", "StateRegistry", "rewrite_graph", "sync_lengths", "site_name"]
+
+
+def _ops():
+    from .. import ops  # noqa: F401  (registers torch.ops.oscar.*)
+
+    return torch.ops.oscar
+
+
+@dataclass
+class CacheState:
+    """OScaR state replacing one full-precision key/value cache pair."""
+
+    index: int
+    name: str
+    tensors: CacheTensors
+    fmt: CacheFormat
+    key: torch.Tensor  # the replaced full-precision tensors (storage freed after compile)
+    value: torch.Tensor
+    bf16_bytes: int
+
+    @property
+    def oscar_bytes(self) -> int:
+        return cache_nbytes(self.tensors)
+
+
+class StateRegistry:
+    """Full-precision cache tensor (by identity) -> its OScaR state; caches left untouched are remembered."""
+
+    def __init__(self, config):
+        self.config = config
+        self.states: dict[int, CacheState] = {}
+        self.untouched: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def lookup(self, tensor) -> CacheState | None:
+        state = self.states.get(id(tensor))
+        return state if state is not None and (state.key is tensor or state.value is tensor) else None
+
+    def untouched_reason(self, tensor) -> str | None:
+        entry = self.untouched.get(id(tensor))
+        return entry[1] if entry is not None and entry[0] is tensor else None
+
+    def mark_untouched(self, tensor, reason: str) -> None:
+        if isinstance(tensor, torch.Tensor) and self.lookup(tensor) is None:
+            self.untouched.setdefault(id(tensor), (tensor, reason))
+
+    def get_or_create(self, key: torch.Tensor, value: torch.Tensor, name: str) -> CacheState:
+        state = self.lookup(key)
+        if state is not None:
+            if state.value is not value:
+                raise RuntimeError(f"oscar_compile: cache {name} is paired with a different value cache than before")
+            return state
+        cfg = self.config
+        b, hkv, length, d = key.shape
+        r = cfg.residual_length
+        fmt = CacheFormat(cfg.bits, cfg.group_size, r, cfg.rotate_values)
+        max_len = math.ceil(length / r) * r
+        tensors = allocate_cache(
+            b, hkv, max_len, d, fmt, key.dtype, key.device, rotate_keys=cfg.rotate_keys, token_scaling=cfg.token_scaling
+        )
+        bf16 = key.numel() * key.element_size() + value.numel() * value.element_size()
+        state = CacheState(len(self.states) // 2, name, tensors, fmt, key, value, bf16)
+        self.states[id(key)] = state
+        self.states[id(value)] = state
+        return state
+
+
+def sync_lengths(lengths: torch.Tensor, position, from_zero: bool) -> None:
+    """Reset on a write at position 0, then check the write appends at the stored length (no host sync).
+
+    lengths: [B] int32 (mutated); position: int positions [T] or [B, T], or the int start of a slice write.
+    """
+    if isinstance(position, torch.Tensor):
+        pos = position.to(torch.int64)
+        pos = pos.reshape(1, -1) if pos.dim() <= 1 else pos.reshape(pos.shape[0], -1)
+        start = pos[:, 0]
+        steps = torch.arange(pos.shape[1], device=pos.device, dtype=torch.int64)
+        ok = torch.all(pos == start[:, None] + steps)
+    else:
+        start = torch.full((1,), position, dtype=torch.int64, device=lengths.device)
+        ok = torch.ones((), dtype=torch.bool, device=lengths.device)
+    synced = torch.where(start == 0, torch.zeros_like(lengths, dtype=torch.int64), lengths.to(torch.int64))
+    ok = ok & torch.all(synced == start)
+    if from_zero:
+        ok = ok & torch.all(start == 0)
+    torch._assert_async(ok, "oscar_compile: KV cache written out of order (OScaR caches append at the stored length)")
+    lengths.copy_(synced.to(lengths.dtype))
+
+
+def _clean_path(path: str) -> str:
+    """``L['self']._modules['layers']._modules['0'].k_cache`` -> ``layers.0.k_cache``."""
+    path = re.sub(r"^L\['[^']*'\]", "", path)
+    path = re.sub(r"\.(_modules|_buffers|_parameters)\b", "", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", path)
+    return path.strip(".")
+
+
+def site_name(node: fx.Node) -> str:
+    """Stable, readable name of an attention node: its module path (Dynamo's nn_module_stack) and op."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        path = _clean_path(list(stack.values())[-1][0])
+    return f"{path or '<top>'}:{op_name(node)}"
+
+
+def _input_name(node: fx.Node, values) -> str:
+    src = node.meta.get("grapharg")
+    src = getattr(src, "source", None)
+    if src is not None:
+        return _clean_path(src.name if isinstance(src.name, str) else src.name())
+    return node.name
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, report: OScaRReport) -> int:
+    """Match and rewrite every site of ``gm`` in place; returns the number of attention sites rewritten.
+
+    Raises RuntimeError only when a cache already replaced by OScaR state (in an earlier graph) is read by
+    something this graph cannot rewrite: its full-precision storage no longer exists.
+    """
+    graph = gm.graph
+    cfg = registry.config
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    values = {n: v for n, v in zip(placeholders, example_inputs)}
+    report.graphs += 1
+
+    groups: dict[tuple, list[Site]] = {}
+    failed: dict[tuple, str] = {}
+    for node in find_attention_nodes(graph):
+        name = site_name(node)
+        site = match_attention(node, values, cfg.group_size)
+        if isinstance(site, str):
+            report.add_skipped(name, site)
+            _mark_reads(node, values, registry, site)
+            continue
+        site.name = name
+        key = (site.key_cache, site.value_cache)
+        groups.setdefault(key, []).append(site)
+
+    rewritten = 0
+    grad = torch.is_grad_enabled() and any(getattr(v, "requires_grad", False) for v in example_inputs)
+    for (kc, vc), sites in groups.items():
+        if grad:  # the oscar ops have no backward; leave the graph as it is (not pinned: may differ next time)
+            for s in sites:
+                report.add_skipped(s.name, "autograd is enabled: OScaR ops are inference-only (use torch.no_grad())")
+            continue
+        why = _check_group(sites, registry, values)
+        if why:
+            for s in sites:
+                report.add_skipped(s.name, why)
+            registry.mark_untouched(values.get(kc), why)
+            registry.mark_untouched(values.get(vc), why)
+            continue
+        kname, vname = _input_name(kc, values), _input_name(vc, values)
+        state = registry.get_or_create(values[kc], values[vc], f"{kname}/{vname}")
+        _rewrite_group(gm, sites, state)
+        report.add_cache(state.name, state.bf16_bytes, state.oscar_bytes)
+        for s in sites:
+            report.add_rewritten(
+                SiteRecord(s.name, s.kind, state.name, s.heads, s.kv_heads, s.head_dim, s.mask_kind, s.write_op)
+            )
+        rewritten += len(sites)
+
+    # a replaced cache must not be read by anything left in the graph: its storage is gone
+    for ph in placeholders:
+        state = registry.lookup(values.get(ph))
+        if state is not None and ph.users:
+            users = ", ".join(sorted(u.name for u in ph.users))
+            reasons = "; ".join(r for n, r in report.skipped) or "no matching attention"
+            raise RuntimeError(
+                f"oscar_compile: cache {state.name} was replaced by OScaR state in an earlier graph, but this graph "
+                f"uses it in a way the pass cannot rewrite ({users}): {reasons}"
+            )
+    graph.lint()
+    gm.recompile()
+    for op, n in Counter(op_name(n) for n in graph.nodes if _is_oscar(n)).items():
+        report.op_counts[op] += n
+    return rewritten
+
+
+def _is_oscar(node) -> bool:
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and t.namespace == "oscar"
+
+
+def _mark_reads(node, values, registry, reason):
+    """A skipped attention that reads a graph input keeps that input in full precision for good."""
+    from .sites import _trace_cache, _sdpa_args, _SDPA_NAMES
+
+    if op_name(node) not in _SDPA_NAMES:
+        return
+    for n in (_sdpa_args(node)["key"], _sdpa_args(node)["value"]):
+        src = _trace_cache(n).source
+        if isinstance(src, fx.Node) and src in values:
+            if registry.lookup(values[src]) is not None:
+                raise RuntimeError(
+                    f"oscar_compile: attention {node.name} reads cache {registry.lookup(values[src]).name}, which an "
+                    f"earlier graph replaced by OScaR state, but cannot be rewritten here: {reason}"
+                )
+            registry.mark_untouched(values[src], reason)
+
+
+def _check_group(sites: list[Site], registry: StateRegistry, values) -> str | None:
+    """Whole-group preconditions: consistent writes, nothing else reads the cache, not pinned to bf16."""
+    first = sites[0]
+    for s in sites[1:]:
+        if s.key_write.node is not first.key_write.node or s.value_write.node is not first.value_write.node:
+            return "sites sharing a cache see different writes"
+    for cache in (first.key_cache, first.value_cache):
+        pinned = registry.untouched_reason(values.get(cache))
+        if pinned:
+            return f"cache {cache.name} is kept in full precision by an earlier graph ({pinned})"
+    owned = set().union(*(s.removable for s in sites)) | {s.out for s in sites}
+    for w in (first.key_write, first.value_write):
+        owned |= {w.node, *w.extra}
+    for n in owned:
+        if n in {s.out for s in sites}:
+            continue
+        for u in n.users:
+            if u not in owned:
+                return f"{n.name} (part of the attention or its cache read) is also used by {u.name}"
+    for cache in (first.key_cache, first.value_cache):
+        for u in cache.users:
+            if u not in owned:
+                return f"cache {cache.name} is also used by {u.name} ({op_name(u)}) outside the attention"
+    return None
+
+
+def _rewrite_group(gm: fx.GraphModule, sites: list[Site], state: CacheState) -> None:
+    graph = gm.graph
+    oscar = _ops()
+    fields = CacheTensors._fields
+    prefix = f"_oscar_cache{state.index}"
+    for f in fields:
+        if not hasattr(gm, f"{prefix}_{f}"):
+            gm.register_buffer(f"{prefix}_{f}", getattr(state.tensors, f))
+            # AOT lifts GraphModule buffers as (static) inputs and wants a Dynamo source for each
+            sources = getattr(gm, "_param_name_to_source", None)
+            if sources is not None:
+                sources[f"{prefix}_{f}"] = ConstantSource(f"{prefix}_{f}")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    sites = sorted(sites, key=lambda s: order[s.out])
+    kw, vw = sites[0].key_write, sites[0].value_write
+    fmt = state.fmt
+    fmt_args = (fmt.bits, fmt.group_size, fmt.residual_length, fmt.rotate_values)
+    from_zero = any(s.mask_kind == "causal" for s in sites)
+
+    with graph.inserting_before(sites[0].out):
+        attrs = [graph.get_attr(f"{prefix}_{f}") for f in fields]
+        graph.call_function(sync_lengths, (attrs[9], kw.position, from_zero))
+    last = None
+    for s in sites:
+        with graph.inserting_before(s.out):
+            att = graph.call_function(
+                oscar.attention.default,
+                (s.query, *attrs, kw.new, vw.new, None, *fmt_args, s.scale, None, None),
+            )
+            if s.out_dtype is not None and s.out_dtype != getattr(s.query.meta.get("example_value", s.query.meta.get("val")), "dtype", s.out_dtype):
+                att = graph.call_method("to", (att, s.out_dtype))
+        s.out.replace_all_uses_with(att)
+        last = att
+    with graph.inserting_after(last):
+        graph.call_function(oscar.append_kv.default, (*attrs, kw.new, vw.new, None, *fmt_args))
+
+    # erase the old attention, its cache reads and the writes (in-place writes have no users left)
+    doomed = set().union(*(s.removable for s in sites)) | {s.out for s in sites}
+    for w in (kw, vw):
+        doomed |= {w.node, *w.extra}
+    for n in reversed(list(graph.nodes)):
+        if n in doomed and not n.users:
+            graph.erase_node(n)
+    remaining = set(graph.nodes)
+    leftover = [n.name for n in doomed if n in remaining]
+    assert not leftover, f"nodes still used after rewrite: {leftover}"
