@@ -10,13 +10,19 @@ positions ``> p - window``. ``softcap``: scores become ``tanh(s / softcap) * sof
 
 from __future__ import annotations
 
+import math
+
 import torch
+import triton
+import triton.language as tl
 
 from .attention_ref import quantized_attention_ref
 from .cache_layout import CacheFormat, CacheTensors
+from .hadamard import hadamard_block_size
 from .quantization import QuantizedKeys, QuantizedValues
+from .triton_utils import _fwht_rows, _unpack_channels, _unpack_tokens, next_pow2, num_sms
 
-__all__ = ["cache_attention_ref", "check_attention_inputs"]
+__all__ = ["cache_attention", "cache_attention_ref", "check_attention_inputs", "num_kv_splits"]
 
 
 def check_attention_inputs(query, cache: CacheTensors, new_keys, new_values, skip) -> None:
@@ -117,4 +123,388 @@ def cache_attention_ref(
             attn_mask=allowed,
             softcap=softcap,
         )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton split-K ("flash-decoding") attention over the packed cache
+#
+# Rows: the GROUP query heads of one kv head times the T_q query positions, row = i * GROUP + g, in
+# blocks of BLOCK_M (>= 16 for tl.dot). GQA: every program serves all query heads of its kv head, so
+# the packed cache is read once per kv head.
+#   stage 1, _cache_attn_split_kernel, grid (B * Hkv, SPLITS, row blocks): one split of the quantized
+#     prefix [0, Q). Streams packed key codes + fp16 (mn, scale) + fp32 token norms, dequantizes in
+#     registers, scores against the rotated query (per-head flag), multiplies by the token norm
+#     (per-head flag), online softmax in fp32 with exp2, P @ V with dequantized value codes (still in
+#     the rotated value space). Writes the split's normalized output and log2-sum-exp (fp32 scratch).
+#   stage 2, _cache_attn_merge_kernel, grid (B * Hkv, row blocks): merges the splits by LSE, applies
+#     the inverse value rotation H (symmetric, self-inverse) once to the merged output, then continues
+#     the same online softmax over the full-precision residual tokens and the step's new tokens (in the
+#     original space, fp32) and writes the output.
+# Large T_q (prefill chunks) runs the same two kernels with more row blocks and usually one split:
+# correct for any T_q; the new-token part is a plain tiled loop, not tuned for long prompts.
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _softcap_log2(x, softcap):
+    # natural-units score -> softcap * tanh(x / softcap), in log2 units. tanh(y) = 1 - 2 / (exp(2y) + 1).
+    y = x / softcap
+    t = 1.0 - 2.0 / (tl.exp2(y * (2.0 * 1.4426950408889634)) + 1.0)
+    return t * (softcap * 1.4426950408889634)
+
+
+@triton.jit
+def _row_setup(lengths, skip, b, mb, T_Q, MAX_LEN,  #
+               GROUP: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,  #
+               HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr):  # fmt: skip
+    # Per-sequence counts and per-row query positions (see cache_attention_ref for the semantics).
+    length = tl.minimum(tl.load(lengths + b), MAX_LEN)
+    n_quant = length // R * R
+    s = 0
+    if HAS_SKIP:
+        s = tl.minimum(tl.maximum(tl.load(skip + b).to(tl.int32), 0), T_Q)
+    n_q = T_Q - s
+    total = length
+    if HAS_NEW:
+        total = length + n_q
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = rows // GROUP
+    qg = rows % GROUP
+    row_ok = (qi < T_Q) & (qi >= s)
+    q_pos = total - n_q + qi - s
+    return length, n_quant, s, n_q, total, qi, qg, row_ok, q_pos
+
+
+@triton.jit
+def _cache_attn_split_kernel(
+    q, key_codes, key_mn, key_scale, key_norms, val_codes, val_mn, val_scale,  #
+    lengths, skip, key_rotated, key_scaled, part_o, part_lse,  #
+    qk_scale, softcap, window, hscale, T_Q, MAX_LEN,  #
+    sqb, sqh, sqt, sqd,  #
+    skcb, skch, skct, skcd, skmb, skmh, skmg, skmd, sknb, sknt,  #
+    svcb, svch, svct, svcd, svmb, svmh, svmt, svmg,  #
+    HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
+    LOG2_HB: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, NUM_MB: tl.constexpr,  #
+    HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,  #
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    mb = tl.program_id(2)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    PER_BYTE: tl.constexpr = 8 // BITS
+    NG: tl.constexpr = D_PAD // G
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
+    length, n_quant, s, n_q, total, qi, qg, row_ok, q_pos = _row_setup(
+        lengths, skip, b, mb, T_Q, MAX_LEN, GROUP, R, BLOCK_M, HAS_SKIP, HAS_NEW)
+
+    # this split's token range inside [lo, n_quant), in whole BLOCK_N tiles (n_quant is a multiple of
+    # R, and BLOCK_N divides R, so tiles never straddle the end of the quantized prefix)
+    lo = 0
+    if WINDOW:
+        first_i = tl.maximum((mb * BLOCK_M) // GROUP, s)
+        lo = tl.maximum(total - n_q + first_i - s - window + 1, 0) // BLOCK_N * BLOCK_N
+    span = tl.maximum(n_quant - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, n_quant)
+
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = q + b * sqb + (h * GROUP + qg)[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd
+    qf = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    rot = tl.load(key_rotated + h) != 0
+    scl = tl.load(key_scaled + h) != 0
+    qf = tl.where(rot, _fwht_rows(qf, BLOCK_M, D_PAD, LOG2_HB) * hscale, qf)
+    if SOFTCAP:
+        qd = (qf * qk_scale).to(tl.float16)
+    else:
+        qd = (qf * (qk_scale * 1.4426950408889634)).to(tl.float16)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    kc_base = key_codes + b * skcb + h * skch + offs_d[None, :] * skcd
+    km_base = b * skmb + h * skmh + offs_d[None, :] * skmd
+    vc_cols = tl.arange(0, D_PAD // PER_BYTE)
+    vm_cols = tl.arange(0, NG)
+    vc_base = val_codes + b * svcb + h * svch + vc_cols[None, :] * svcd
+    vm_base = b * svmb + h * svmh + vm_cols[None, :] * svmg
+    for t0 in range(start, end, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        # keys: [BLOCK_N / PER_BYTE, D] packed bytes -> codes, fp16 group params broadcast over G tokens
+        krow = t0 // PER_BYTE + tl.arange(0, BLOCK_N // PER_BYTE)
+        grow = t0 // G + tl.arange(0, BLOCK_N // G)
+        if EVEN_D:
+            kc = tl.load(kc_base + krow[:, None] * skct)
+            kmn = tl.load(key_mn + km_base + grow[:, None] * skmg)
+            ksc = tl.load(key_scale + km_base + grow[:, None] * skmg)
+        else:
+            kc = tl.load(kc_base + krow[:, None] * skct, mask=d_ok[None, :], other=0)
+            kmn = tl.load(key_mn + km_base + grow[:, None] * skmg, mask=d_ok[None, :], other=0.0)
+            ksc = tl.load(key_scale + km_base + grow[:, None] * skmg, mask=d_ok[None, :], other=0.0)
+        kcode = _unpack_tokens(kc, BLOCK_N, D_PAD, BITS).to(tl.float16)
+        kmn = tl.reshape(tl.broadcast_to(kmn[:, None, :], (BLOCK_N // G, G, D_PAD)), (BLOCK_N, D_PAD))
+        ksc = tl.reshape(tl.broadcast_to(ksc[:, None, :], (BLOCK_N // G, G, D_PAD)), (BLOCK_N, D_PAD))
+        k = kcode * ksc + kmn
+        sc = tl.dot(qd, tl.trans(k))
+        nrm = tl.load(key_norms + b * sknb + tok * sknt)
+        sc = sc * tl.where(scl, nrm, 1.0)[None, :]
+        if SOFTCAP:
+            sc = _softcap_log2(sc, softcap)
+        if WINDOW or not HAS_NEW:
+            ok = tok[None, :] <= q_pos[:, None]
+            if WINDOW:
+                ok = ok & (tok[None, :] > q_pos[:, None] - window)
+            sc = tl.where(ok, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        # values: [BLOCK_N, D / PER_BYTE] packed bytes, fp16 (mn, scale) per token and G channels
+        if EVEN_D:
+            vc = tl.load(vc_base + tok[:, None] * svct)
+            vmn = tl.load(val_mn + vm_base + tok[:, None] * svmt)
+            vsc = tl.load(val_scale + vm_base + tok[:, None] * svmt)
+        else:
+            vcm = (vc_cols < HEAD_DIM // PER_BYTE)[None, :]
+            vmm = (vm_cols < HEAD_DIM // G)[None, :]
+            vc = tl.load(vc_base + tok[:, None] * svct, mask=vcm, other=0)
+            vmn = tl.load(val_mn + vm_base + tok[:, None] * svmt, mask=vmm, other=0.0)
+            vsc = tl.load(val_scale + vm_base + tok[:, None] * svmt, mask=vmm, other=0.0)
+        vcode = _unpack_channels(vc, BLOCK_N, D_PAD, BITS).to(tl.float16)
+        vmn = tl.reshape(tl.broadcast_to(vmn[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, D_PAD))
+        vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, D_PAD))
+        v = vcode * vsc + vmn
+        acc += tl.dot(p.to(tl.float16), v)
+        m_i = m_new
+
+    has = l_i > 0
+    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    rows = tl.arange(0, BLOCK_M)
+    slot = ((pid_bh * NUM_MB + mb) * SPLITS + split) * BLOCK_M
+    st_ok = qi < T_Q
+    tl.store(part_o + (slot + rows)[:, None] * D_PAD + offs_d[None, :], o, mask=st_ok[:, None])
+    tl.store(part_lse + slot + rows, lse, mask=st_ok)
+
+
+@triton.jit
+def _attend_tail(kb, vb, st_k, sd_k, st_v, sd_v, first, hi, base_pos, qf, q_pos, m_i, l_i, acc,  #
+                 softcap, window, cache_ty: tl.constexpr,  #
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,  #
+                 SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+    # Online softmax over full-precision tokens r in [first, hi) of one source (residual or new), at
+    # positions base_pos + r, cast to the cache dtype first (as the reference does), fp32 dots.
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    for r0 in range(first, hi, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < hi
+        kv_mask = r_ok[:, None] & d_ok[None, :]
+        kt = tl.load(kb + r[:, None] * st_k + offs_d[None, :] * sd_k, mask=kv_mask, other=0.0)
+        kt = kt.to(cache_ty).to(tl.float32)
+        sc = tl.dot(qf, tl.trans(kt), input_precision="ieee")
+        if SOFTCAP:
+            sc = _softcap_log2(sc, softcap)
+        pos = base_pos + r
+        ok = r_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+        if WINDOW:
+            ok = ok & (pos[None, :] > q_pos[:, None] - window)
+        sc = tl.where(ok, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(vb + r[:, None] * st_v + offs_d[None, :] * sd_v, mask=kv_mask, other=0.0)
+        vt = vt.to(cache_ty).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _cache_attn_merge_kernel(
+    q, res_k, res_v, new_k, new_v, lengths, skip, part_o, part_lse, out,  #
+    qk_scale, softcap, window, hscale, T_Q, MAX_LEN,  #
+    sqb, sqh, sqt, sqd, sob, soh, sot, sod,  #
+    srb, srh, srt, srd, swb, swh, swt, swd,  #
+    snb, snh, snt, snd, svb, svh, svt, svd,  #
+    HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
+    LOG2_HB: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,  #
+    SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, NUM_MB: tl.constexpr,  #
+    ROTATE_V: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr,  #
+    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,  #
+):
+    pid_bh = tl.program_id(0)
+    mb = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    length, n_quant, s, n_q, total, qi, qg, row_ok, q_pos = _row_setup(
+        lengths, skip, b, mb, T_Q, MAX_LEN, GROUP, R, BLOCK_M, HAS_SKIP, HAS_NEW)
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    st_ok = qi < T_Q
+
+    # 1. merge the splits of the quantized prefix by their log2-sum-exp
+    slot0 = (pid_bh * NUM_MB + mb) * SPLITS
+    sp = tl.arange(0, SPLITS_P2)
+    lse_all = tl.load(part_lse + (slot0 + sp)[:, None] * BLOCK_M + rows[None, :],
+                      mask=(sp < SPLITS)[:, None] & st_ok[None, :], other=float("-inf"))  # fmt: skip
+    m_q = tl.max(lse_all, axis=0)
+    mq_safe = tl.where(m_q == float("-inf"), 0.0, m_q)
+    l_q = tl.sum(tl.exp2(lse_all - mq_safe[None, :]), axis=0)
+    acc_q = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for c0 in tl.static_range(0, SPLITS, SPLIT_CHUNK):
+        sc_ = c0 + tl.arange(0, SPLIT_CHUNK)
+        c_ok = (sc_ < SPLITS)[:, None] & st_ok[None, :]
+        lse_c = tl.load(part_lse + (slot0 + sc_)[:, None] * BLOCK_M + rows[None, :], mask=c_ok, other=float("-inf"))
+        o_ptr = part_o + ((slot0 + sc_)[:, None, None] * BLOCK_M + rows[None, :, None]) * D_PAD + offs_d[None, None, :]
+        o_c = tl.load(o_ptr, mask=c_ok[:, :, None], other=0.0)
+        w = tl.exp2(lse_c - mq_safe[None, :])
+        acc_q += tl.sum(w[:, :, None] * o_c, axis=0)
+    has_q = l_q > 0
+    o_q = tl.where(has_q[:, None], acc_q / tl.where(has_q, l_q, 1.0)[:, None], 0.0)
+    if ROTATE_V:  # back from the rotated value space: o = o' H
+        o_q = _fwht_rows(o_q, BLOCK_M, D_PAD, LOG2_HB) * hscale
+
+    # 2. continue the online softmax over the residual and the step's new tokens (original space)
+    m_i = tl.where(has_q, m_q + tl.log2(tl.where(has_q, l_q, 1.0)), float("-inf"))
+    l_i = tl.where(has_q, 1.0, 0.0)
+    acc = o_q
+    q_ptrs = q + b * sqb + (h * GROUP + qg)[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd
+    qf = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    if SOFTCAP:
+        qf = qf * qk_scale
+    else:
+        qf = qf * (qk_scale * 1.4426950408889634)
+    n_res = length - n_quant
+    cache_ty = res_k.dtype.element_ty
+    # residual slots [0, n_res) sit at positions n_quant + r
+    m_i, l_i, acc = _attend_tail(
+        res_k + b * srb + h * srh, res_v + b * swb + h * swh, srt, srd, swt, swd,
+        0, n_res, n_quant, qf, q_pos, m_i, l_i, acc, softcap, window, cache_ty,
+        HEAD_DIM, D_PAD, BLOCK_R, SOFTCAP, WINDOW)  # fmt: skip
+    if HAS_NEW:  # this step's tokens j in [s, last query of the block] at positions length + j - s
+        last_i = tl.minimum(((mb + 1) * BLOCK_M - 1) // GROUP, T_Q - 1)
+        m_i, l_i, acc = _attend_tail(
+            new_k + b * snb + h * snh, new_v + b * svb + h * svh, snt, snd, svt, svd,
+            s, last_i + 1, length - s, qf, q_pos, m_i, l_i, acc, softcap, window, cache_ty,
+            HEAD_DIM, D_PAD, BLOCK_R, SOFTCAP, WINDOW)  # fmt: skip
+
+    done = row_ok & (l_i > 0)
+    o = tl.where(done[:, None], acc / tl.where(done, l_i, 1.0)[:, None], 0.0)
+    o_ptrs = out + b * sob + (h * GROUP + qg)[:, None] * soh + qi[:, None] * sot + offs_d[None, :] * sod
+    tl.store(o_ptrs, o.to(out.dtype.element_ty), mask=st_ok[:, None] & d_ok[None, :])
+
+
+def num_kv_splits(batch: int, kv_heads: int, row_blocks: int, max_len: int, num_sms: int, block_n: int) -> int:
+    """Splits of the quantized prefix per (sequence, kv head, row block): a pure function of static sizes.
+
+    Aims at about two programs per multiprocessor over ``batch * kv_heads * row_blocks`` programs, never
+    fewer than 4 tiles of ``block_n`` tokens per split at a full cache, at most 64. Depends on the
+    cache capacity, not on the (device-side) lengths, so it is fixed for a captured decode step.
+    """
+    programs = max(1, batch * kv_heads * row_blocks)
+    want = -(-2 * num_sms // programs)
+    cap = max(1, max_len // (4 * block_n))
+    return max(1, min(want, cap, 64))
+
+
+_SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+
+@torch.no_grad()
+def cache_attention(
+    query: torch.Tensor,
+    cache: CacheTensors,
+    fmt: CacheFormat,
+    new_keys: torch.Tensor | None = None,
+    new_values: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Triton attention over the packed cache; same semantics as :func:`cache_attention_ref`.
+
+    query ``[B, Hq, T, D]`` fp16/bf16/fp32, new keys/values ``[B, Hkv, T, D]`` or None ->
+    ``[B, Hq, T, D]`` contiguous, query dtype. head_dim 32, 64, 96, 128 or 256. Two launches (split-K
+    stage over the quantized prefix, merge stage with the residual and new tokens); scratch for the
+    partials is allocated here from static sizes; no host synchronization.
+
+    Numerics: the quantized part dots fp16 operands (query rotated and pre-scaled by the softmax scale,
+    keys/values dequantized from their fp16 group parameters) with fp32 accumulation; softmax, merge,
+    residual and new tokens are fp32. A query whose scaled value exceeds the fp16 range is not supported.
+    """
+    check_attention_inputs(query, cache, new_keys, new_values, skip)
+    if (new_keys is None) != (new_values is None):
+        raise ValueError("new_keys and new_values must both be given or both be None")
+    g, r, bits = fmt.group_size, fmt.residual_length, fmt.bits
+    if g & (g - 1) or g < 8:
+        raise ValueError(f"Triton cache kernels need a power-of-two group_size >= 8, got {g}")
+    if cache.lengths.dtype != torch.int32:
+        raise TypeError(f"cache.lengths must be int32, got {cache.lengths.dtype}")
+    bsz, hq, tq, d = query.shape
+    hkv = cache.residual_keys.shape[1]
+    if d not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {d} not supported by the Triton kernel (query {tuple(query.shape)}); "
+                         f"supported: {_SUPPORTED_HEAD_DIMS}; use cache_attention_ref for others")  # fmt: skip
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive float or None, got {softcap}")
+    if window is not None and (int(window) != window or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window}")
+    scale = d**-0.5 if scale is None else float(scale)
+    out = torch.empty((bsz, hq, tq, d), dtype=query.dtype, device=query.device)
+    if bsz == 0 or tq == 0 or hq == 0:
+        return out
+    group = hq // hkv
+    d_pad = next_pow2(d)
+    hb = hadamard_block_size(d)
+    rows = group * tq
+    block_m = min(max(16, next_pow2(rows)), 64)
+    num_mb = -(-rows // block_m)
+    block_n = min(64 if d_pad >= 256 else 128, r & -r)
+    splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n)
+    part_o = torch.empty((bsz, hkv, num_mb, splits, block_m, d_pad), dtype=torch.float32, device=query.device)
+    part_lse = torch.empty((bsz, hkv, num_mb, splits, block_m), dtype=torch.float32, device=query.device)
+    has_skip, has_new = skip is not None, new_keys is not None
+    skip_arg = skip if has_skip else cache.lengths
+    nk = new_keys if has_new else cache.residual_keys
+    nv = new_values if has_new else cache.residual_values
+    c = cache
+    common = dict(
+        HKV=hkv, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, LOG2_HB=hb.bit_length() - 1, R=r,
+        BLOCK_M=block_m, SPLITS=splits, NUM_MB=num_mb,
+        HAS_SKIP=has_skip, HAS_NEW=has_new, SOFTCAP=softcap is not None, WINDOW=window is not None,
+    )  # fmt: skip
+    scalars = (scale, float(softcap or 1.0), int(window or 0), 1.0 / math.sqrt(hb), tq, c.max_len)
+    torch.library.wrap_triton(_cache_attn_split_kernel)[(bsz * hkv, splits, num_mb)](
+        query, c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.value_codes, c.value_mn, c.value_scale,
+        c.lengths, skip_arg, c.key_rotated, c.key_scaled, part_o, part_lse,
+        *scalars,
+        *query.stride(),
+        *c.key_codes.stride(), *c.key_mn.stride(), *c.key_norms.stride(),
+        *c.value_codes.stride(), *c.value_mn.stride(),
+        BITS=bits, G=g, BLOCK_N=block_n, **common,
+        num_warps=4 if d_pad <= 128 else 8, num_stages=3,
+    )  # fmt: skip
+    splits_p2 = next_pow2(splits)
+    split_chunk = max(1, min(splits_p2, 16384 // (block_m * d_pad)))
+    torch.library.wrap_triton(_cache_attn_merge_kernel)[(bsz * hkv, num_mb)](
+        query, c.residual_keys, c.residual_values, nk, nv, c.lengths, skip_arg, part_o, part_lse, out,
+        *scalars,
+        *query.stride(), *out.stride(),
+        *c.residual_keys.stride(), *c.residual_values.stride(), *nk.stride(), *nv.stride(),
+        BLOCK_R=32, SPLITS_P2=splits_p2, SPLIT_CHUNK=split_chunk, ROTATE_V=bool(fmt.rotate_values), **common,
+        num_warps=4,
+    )  # fmt: skip
     return out
