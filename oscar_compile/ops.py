@@ -10,6 +10,14 @@ Two ops, named as the graph passes and the cache subclass call them:
   stored cache plus the step's own keys/values at full precision (``kernels.cache_attention``). Returns
   a new contiguous tensor with the query's shape and dtype.
 
+* ``torch.ops.oscar.sdpa(query, key, value, attn_mask, scale, softcap, is_causal) -> Tensor``: the entry
+  point through which a model's attention reaches the cache. With plain ``key``/``value`` it is ordinary
+  scaled-dot-product attention (GQA, bool or additive mask, logit softcap); when ``key``/``value`` are the
+  OScaR cache tensor subclass (``oscar_compile.kv_tensor``), its ``__torch_dispatch__`` intercepts the op
+  and runs ``attention`` + ``append_kv`` on the quantized state. A custom op (rather than
+  ``F.scaled_dot_product_attention``) because it reaches ``__torch_dispatch__`` undecomposed on every
+  device, carries ``softcap`` and is traced by torch.compile as one node.
+
 The 12 cache tensors are passed in :class:`~oscar_compile.kernels.CacheTensors` order. Step order is
 attention first, then append (DESIGN.md §2, "attend-then-append").
 
@@ -37,7 +45,7 @@ from .kernels.append_kv import append_kv_ref
 from .kernels.cache_attention import cache_attention_ref
 from .kernels.cache_layout import CacheFormat, CacheTensors
 
-__all__ = ["append_kv", "attention", "triton_launcher"]
+__all__ = ["append_kv", "attention", "sdpa", "triton_launcher"]
 
 Tensor = torch.Tensor
 
@@ -222,6 +230,50 @@ _attention_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda("
 
 
 # ---------------------------------------------------------------------------------------------------
+# sdpa: the model-facing entry point (plain tensors here; the cache subclass intercepts it)
+
+
+@torch.library.custom_op("oscar::sdpa", mutates_args=())
+def _sdpa_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor],
+    scale: float,
+    softcap: Optional[float],
+    is_causal: bool,
+) -> Tensor:
+    # query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D], mask broadcastable to [B, Hq, Tq, Tk]
+    b, hq, tq, _ = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv} (query {tuple(query.shape)}, key {tuple(key.shape)})")
+    group = hq // hkv
+    qf = query.to(torch.float32).reshape(b, hkv, group, tq, -1)
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", qf, key.to(torch.float32)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.reshape(b, hq, tq, tk)
+    if is_causal:  # top-left aligned, as F.scaled_dot_product_attention
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(torch.float32)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).reshape(b, hkv, group, tq, tk)
+    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value.to(torch.float32))
+    return out.reshape(b, hq, tq, value.shape[-1]).to(query.dtype).contiguous()
+
+
+@_sdpa_op.register_fake
+def _(query, key, value, attn_mask, scale, softcap, is_causal):
+    b, hq, tq, _ = query.shape
+    return torch.empty((b, hq, tq, value.shape[-1]), dtype=query.dtype, device=query.device)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Python wrappers
 
 
@@ -272,4 +324,26 @@ def attention(
         float(scale),
         None if softcap is None else float(softcap),
         None if window is None else int(window),
+    )
+
+
+def sdpa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    is_causal: bool = False,
+) -> Tensor:
+    """``oscar::sdpa``: attention of ``query`` ``[B, Hq, Tq, D]`` over ``key``/``value`` ``[B, Hkv, Tk, D]``.
+
+    ``key``/``value`` may be plain tensors or a layer's OScaR cache (:mod:`oscar_compile.kv_tensor`);
+    for the cache, ``attn_mask`` is only read for left padding and ``is_causal`` is implied.
+    """
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    return torch.ops.oscar.sdpa(
+        query, key, value, attn_mask, float(scale), None if softcap is None else float(softcap), bool(is_causal)
     )

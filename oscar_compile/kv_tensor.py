@@ -1,0 +1,581 @@
+"""One layer's OScaR KV cache as a pair of torchao-style tensor subclasses.
+
+A bf16 static cache is two tensors ``keys``/``values`` ``[B, Hkv, max_len, D]`` that model code writes with
+``index_copy_`` (or ``k[:, :, pos] = k_new`` / slice assignment), expands for GQA (``repeat_kv``) and feeds
+to attention. :class:`OScaRKeyCache` and :class:`OScaRValueCache` stand in for them: same logical shape and
+dtype, but they hold the packed OScaR state (the :class:`~oscar_compile.kernels.CacheTensors` fields,
+split by side), so the bf16 cache is never allocated.
+
+Write-then-attend vs attend-then-append
+---------------------------------------
+Model code writes the step's keys/values into the cache *before* attention; OScaR's step is attention over
+the stored history plus the step's own tokens at full precision, *then* quantize-on-write (DESIGN §2, the
+reference rule: a step's queries see ``fake_quantize(history before the step)`` plus the step's tokens
+exactly). The mapping chosen here:
+
+* a **write** stores nothing: it records the step's new keys (or values) and their positions as *pending*
+  in a side channel shared by the layer's two halves;
+* **attention** (``torch.ops.oscar.sdpa`` with the halves as key/value, reached from
+  ``F.scaled_dot_product_attention`` or from the ``"oscar"`` transformers attention function) consumes the
+  pending tokens: ``oscar::attention`` over the stored cache plus the pending tokens, then
+  ``oscar::append_kv`` of the same tokens.
+
+So the numerics equal the reference rule by construction. The side channel is plain Python state: under
+``torch.compile`` both the write and the attention run inside one traced forward (Dynamo records them as
+ops on the subclass; AOTAutograd runs both ``__torch_dispatch__`` handlers in one trace), so the pending
+tensors become direct graph edges; nothing crosses a graph boundary. A layer whose pending tokens are never
+attended (its attention fell back to dequantize) raises at the next write instead of silently dropping
+tokens.
+
+Left padding: the write does not know which tokens are padding; the attention reads it from the mask it
+is given (a pad position is one the mask forbids on the diagonal, i.e. a token that may not attend to
+itself) and passes ``skip`` to both ops, so pads are never stored. ``offsets[b]`` (the pads skipped) maps
+stored slot ``j`` to logical position ``offsets[b] + j`` for the exact dequantize.
+
+Sliding-window layers: ``window`` (int or None) is passed to ``oscar::attention``; the history is kept
+whole (quantized), the window is applied in attention.
+
+Any other op falls back to an exact dequantize of the logical tensor (stored tokens dequantized at their
+logical positions, pending tokens at full precision, zeros elsewhere) with a one-time warning naming the
+op. In-place ops other than the writes raise ``NotImplementedError``.
+
+Fields (``G`` group size, ``R`` residual length, ``M`` max_len, a multiple of ``R``):
+
+=============== ================================ ======= ========== ==================================
+field           shape                            dtype   half       meaning
+=============== ================================ ======= ========== ==================================
+key_codes       ``[B, Hkv, M * bits // 8, D]``   uint8   keys       packed along tokens
+key_mn          ``[B, Hkv, M // G, D]``          fp16    keys       key group minimum
+key_scale       ``[B, Hkv, M // G, D]``          fp16    keys       key group step
+key_norms       ``[B, M]``                       fp32    keys       omni-token key norm
+residual_keys   ``[B, Hkv, R, D]``               model   keys       newest keys, full precision
+key_rotated     ``[Hkv]``                        bool    keys       per-head key rotation flag
+key_scaled      ``[Hkv]``                        bool    keys       per-head key scaling flag
+value_codes     ``[B, Hkv, M, D * bits // 8]``   uint8   values     packed along channels
+value_mn        ``[B, Hkv, M, D // G]``          fp16    values     value group minimum
+value_scale     ``[B, Hkv, M, D // G]``          fp16    values     value group step
+residual_values ``[B, Hkv, R, D]``               model   values     newest values, full precision
+lengths         ``[B]``                          int32   both       tokens stored per sequence
+offsets         ``[B]``                          int32   both       left pads skipped per sequence
+=============== ================================ ======= ========== ==================================
+
+Each half keeps its own ``lengths``/``offsets`` (the value half's are copied from the key half's after
+every append) so the two subclass instances never share storage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torchao.utils import TorchAOBaseTensor
+
+from . import ops
+from .config import OScaRConfig
+from .kernels.cache_layout import CacheFormat, CacheTensors, allocate_cache
+from .kernels.quantization import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values
+
+__all__ = ["OScaRKeyCache", "OScaRValueCache", "KVView", "new_kv_cache", "is_oscar_cache"]
+
+aten = torch.ops.aten
+
+
+class KVView(NamedTuple):
+    """Which logical view of the layer's cache a subclass instance is (views share the state).
+
+    ``n_rep`` > 1: GQA-expanded (``repeat_kv``); ``five_d``: the intermediate ``[B, Hkv, n_rep, T, D]``
+    of ``repeat_kv``; ``start``/``stop``: token range along dim 2 (``k[:, :, a:b]``).
+    """
+
+    n_rep: int
+    five_d: bool
+    start: int
+    stop: int
+
+
+# ----------------------------------------------------------------------------------------------------
+# pending-token side channel (write -> attention), one per layer, shared by its two halves
+
+_uids = itertools.count()
+_CHANNELS: dict[int, dict] = {}
+
+
+def _is_real(t: torch.Tensor) -> bool:
+    """A tensor of an eager step (not a fake/functional tensor of a trace)."""
+    return type(t) is torch.Tensor and not t.is_meta and not torch._is_functional_tensor(t)
+
+
+def _record(half: "_OScaRHalf", new: torch.Tensor, positions: torch.Tensor) -> None:
+    chan = _CHANNELS.setdefault(half.channel, {})
+    stale = chan.get(half.role)
+    if stale is not None and _is_real(stale[0]):
+        raise RuntimeError(
+            f"OScaR cache: the previous step's {half.role} were written but never attended through "
+            "torch.ops.oscar.sdpa (the layer's attention fell back to dequantize), so they were never stored. "
+            "Route the layer's attention through F.scaled_dot_product_attention or attn_implementation='oscar'."
+        )
+    # a stale fake/functional entry is left over from an aborted trace: replace it
+    chan[half.role] = (new, positions)
+
+
+def _take(channel: int):
+    chan = _CHANNELS.get(channel, {})
+    return chan.pop("keys", None), chan.pop("values", None)
+
+
+def _peek(half: "_OScaRHalf"):
+    return _CHANNELS.get(half.channel, {}).get(half.role)
+
+
+def clear_pending(channel: int) -> None:
+    _CHANNELS.pop(channel, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the subclasses
+
+_ATTRS = ["bits", "group_size", "residual_length", "rotate_values", "window", "channel", "view"]
+
+
+class _OScaRHalf(TorchAOBaseTensor):
+    """Shared behaviour of the key and value halves (not instantiated)."""
+
+    role: str
+    tensor_attribute_names = _ATTRS
+
+    def __new__(cls, *args):
+        n = len(cls.tensor_data_names)
+        tensors, attrs = args[:n], args[n:]
+        residual = tensors[cls.tensor_data_names.index(cls._residual_name)]
+        b, hkv, _, d = residual.shape
+        view = KVView(*attrs[-1])
+        t = view.stop - view.start
+        shape = (b, hkv, view.n_rep, t, d) if view.five_d else (b, hkv * view.n_rep, t, d)
+        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=residual.dtype, device=residual.device)
+        for name, value in zip(cls.tensor_data_names, tensors):
+            setattr(self, name, value)
+        for name, value in zip(cls.tensor_attribute_names, attrs):
+            setattr(self, name, value)
+        self.view = view
+        return self
+
+    def __init__(self, *args):
+        pass
+
+    # -- helpers -------------------------------------------------------------------------------------
+    @property
+    def max_len(self) -> int:
+        return self._max_len()
+
+    @property
+    def fmt(self) -> CacheFormat:
+        return CacheFormat(self.bits, self.group_size, self.residual_length, self.rotate_values)
+
+    @property
+    def is_root(self) -> bool:
+        return self.view == KVView(1, False, 0, self._max_len())
+
+    def _with_view(self, view: KVView):
+        tensors = [getattr(self, n) for n in self.tensor_data_names]
+        attrs = [getattr(self, n) for n in self.tensor_attribute_names[:-1]]
+        return type(self)(*tensors, *attrs, view)
+
+    def _stable_hash_for_caching(self) -> str:
+        # the channel id only names the trace-time side channel; compiled code does not depend on it
+        attrs = {n: getattr(self, n) for n in self.tensor_attribute_names if n != "channel"}
+        return f"{type(self).__qualname__}{sorted(attrs.items())!r}"
+
+    def nbytes_quantized(self) -> int:
+        """Exact bytes held by this half's inner tensors."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.tensor_data_names)
+
+    def _stored_slots(self) -> torch.Tensor:
+        """Every storage slot dequantized, fp32 ``[B, Hkv, M, D]`` (slots >= Q hold garbage)."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The logical tensor this view stands for, as a plain tensor (exact; no host sync).
+
+        Stored tokens are dequantized at their logical positions (``offsets[b] + slot``), tokens written
+        this step and not yet attended (pending) are placed at full precision; other positions are 0.
+        """
+        dtype = dtype or self.dtype
+        m, r = self._max_len(), self.residual_length
+        residual = getattr(self, self._residual_name)
+        b, hkv, _, d = residual.shape
+        lengths = self.lengths.to(torch.int64)[:, None]
+        n_quant = lengths // r * r
+        slot = torch.arange(m, device=residual.device)[None, :] - self.offsets.to(torch.int64)[:, None]  # [B, M]
+        in_quant = (slot >= 0) & (slot < n_quant)
+        in_res = (slot >= n_quant) & (slot < lengths)
+        idx_q = slot.clamp(0, m - 1)[:, None, :, None].expand(b, hkv, m, d)
+        idx_r = (slot - n_quant).clamp(0, r - 1)[:, None, :, None].expand(b, hkv, m, d)
+        quant = self._stored_slots().gather(2, idx_q)
+        res = residual.to(torch.float32).gather(2, idx_r)
+        full = torch.where(in_quant[:, None, :, None], quant, torch.where(in_res[:, None, :, None], res, 0.0))
+        pending = _peek(self)
+        if pending is not None:
+            new, positions = pending
+            full = full.index_copy(2, positions, new.to(torch.float32))
+        full = full.to(dtype)
+        v = self.view
+        full = full[:, :, v.start : v.stop]
+        if v.five_d:
+            return full[:, :, None].expand(b, hkv, v.n_rep, v.stop - v.start, d)
+        if v.n_rep > 1:
+            return full[:, :, None].expand(b, hkv, v.n_rep, v.stop - v.start, d).reshape(b, hkv * v.n_rep, -1, d)
+        return full
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args, kwargs=None):
+        kwargs = kwargs or {}
+        table = cls._ATEN_OP_TABLE.get(cls, {})
+        if func in table:
+            return table[func](func, types, args, kwargs)
+        return _fallback(func, args, kwargs)
+
+
+class OScaRKeyCache(_OScaRHalf):
+    """Key half of one layer's OScaR cache; logical ``[B, Hkv, max_len, D]`` in the model dtype."""
+
+    role = "keys"
+    _residual_name = "residual_keys"
+    tensor_data_names = [
+        "key_codes",
+        "key_mn",
+        "key_scale",
+        "key_norms",
+        "residual_keys",
+        "key_rotated",
+        "key_scaled",
+        "lengths",
+        "offsets",
+    ]
+    tensor_attribute_names = _ATTRS
+
+    def _max_len(self) -> int:
+        return self.key_norms.shape[1]
+
+    def _stored_slots(self) -> torch.Tensor:
+        q = QuantizedKeys(
+            self.key_codes, self.key_mn, self.key_scale, self.key_norms, self.key_rotated, self.key_scaled,
+            self.bits, self.group_size,
+        )  # fmt: skip
+        return dequantize_keys(q, torch.float32)
+
+
+class OScaRValueCache(_OScaRHalf):
+    """Value half of one layer's OScaR cache; logical ``[B, Hkv, max_len, D]`` in the model dtype."""
+
+    role = "values"
+    _residual_name = "residual_values"
+    tensor_data_names = ["value_codes", "value_mn", "value_scale", "residual_values", "lengths", "offsets"]
+    tensor_attribute_names = _ATTRS
+
+    def _max_len(self) -> int:
+        return self.value_codes.shape[2]
+
+    def _stored_slots(self) -> torch.Tensor:
+        q = QuantizedValues(self.value_codes, self.value_mn, self.value_scale, self.rotate_values, self.bits, self.group_size)
+        return dequantize_values(q, torch.float32)
+
+
+_HALVES = (OScaRKeyCache, OScaRValueCache)
+
+
+def is_oscar_cache(t) -> bool:
+    return isinstance(t, _HALVES)
+
+
+def cache_tensors(keys: OScaRKeyCache, values: OScaRValueCache) -> CacheTensors:
+    """The :class:`CacheTensors` of a layer from its two halves (the key half's ``lengths``)."""
+    return CacheTensors(
+        keys.key_codes, keys.key_mn, keys.key_scale, keys.key_norms,
+        values.value_codes, values.value_mn, values.value_scale,
+        keys.residual_keys, values.residual_values, keys.lengths, keys.key_rotated, keys.key_scaled,
+    )  # fmt: skip
+
+
+def new_kv_cache(
+    batch: int,
+    kv_heads: int,
+    max_len: int,
+    head_dim: int,
+    config: OScaRConfig,
+    dtype: torch.dtype,
+    device=None,
+    window: Optional[int] = None,
+) -> tuple[OScaRKeyCache, OScaRValueCache]:
+    """Allocate one layer's empty cache as ``(keys, values)`` halves.
+
+    ``max_len`` is rounded up to a multiple of ``config.residual_length``; ``window``: sliding-window
+    size of the layer (None for full attention).
+    """
+    r = config.residual_length
+    m = -(-max_len // r) * r
+    fmt = CacheFormat(config.bits, config.group_size, r, config.rotate_values)
+    c = allocate_cache(batch, kv_heads, m, head_dim, fmt, dtype, device, config.rotate_keys, config.token_scaling)
+    offsets = torch.zeros(batch, dtype=torch.int32, device=device)
+    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, next(_uids), KVView(1, False, 0, m)]
+    keys = OScaRKeyCache(
+        c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.residual_keys, c.key_rotated, c.key_scaled,
+        c.lengths, offsets, *attrs,
+    )  # fmt: skip
+    values = OScaRValueCache(
+        c.value_codes, c.value_mn, c.value_scale, c.residual_values, c.lengths.clone(), offsets.clone(), *attrs
+    )
+    return keys, values
+
+
+def layer_nbytes(keys: OScaRKeyCache, values: OScaRValueCache) -> int:
+    """Exact bytes of one layer's OScaR state (both halves)."""
+    return keys.nbytes_quantized() + values.nbytes_quantized()
+
+
+# ----------------------------------------------------------------------------------------------------
+# op table
+
+
+def _implements(ops_):
+    def deco(fn):
+        for cls in _HALVES:
+            cls.implements(ops_)(fn)
+        return fn
+
+    return deco
+
+
+def _implements_torch_function(fns):
+    def deco(fn):
+        for cls in _HALVES:
+            cls.implements_torch_function(fns)(fn)
+        return fn
+
+    return deco
+
+
+_warned: set[str] = set()
+
+
+def _fallback(func, args, kwargs):
+    name = str(func)
+    if func._schema.is_mutable:
+        raise NotImplementedError(
+            f"OScaR cache: in-place op {name} is not supported on the quantized cache "
+            f"(writes are index_copy_, index_put_ and slice assignment; arg types {[type(a).__name__ for a in args]})"
+        )
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(
+            f"OScaR cache: {name} is not an OScaR op; falling back to an exact dequantize of the cache "
+            "(slow: materializes the full-precision cache)",
+            stacklevel=2,
+        )
+
+    def plain(x):
+        return x.dequantize() if isinstance(x, _HALVES) else x
+
+    args = torch.utils._pytree.tree_map(plain, args)
+    kwargs = torch.utils._pytree.tree_map(plain, kwargs)
+    return func(*args, **kwargs)
+
+
+def _positions(index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    if index.dim() != 1 or index.shape[0] != source.shape[2]:
+        raise ValueError(f"cache write: positions {tuple(index.shape)} do not match the new tokens {tuple(source.shape)}")
+    return index
+
+
+def _check_write_target(half: _OScaRHalf, source: torch.Tensor, what: str) -> None:
+    v = half.view
+    if v.n_rep != 1 or v.five_d:
+        raise NotImplementedError(f"OScaR cache: {what} into a GQA-expanded view of the cache")
+    b, h, _, d = getattr(half, half._residual_name).shape
+    if source.dim() != 4 or (source.shape[0], source.shape[1], source.shape[3]) != (b, h, d):
+        raise ValueError(f"OScaR cache: {what} of {tuple(source.shape)} into a cache of [B={b}, Hkv={h}, *, D={d}]")
+
+
+@_implements([aten.index_copy_.default])
+def _(func, types, args, kwargs):
+    self, dim, index, source = args
+    if dim not in (2, -2) or not self.is_root:
+        raise NotImplementedError(f"OScaR cache: index_copy_ along dim {dim} (tokens are dim 2) of view {self.view}")
+    _check_write_target(self, source, "index_copy_")
+    _record(self, source, _positions(index, source))
+    return self
+
+
+@_implements([aten.index_put_.default])
+def _(func, types, args, kwargs):
+    self, indices, values = args[:3]
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    indices = list(indices) + [None] * (4 - len(indices))
+    ok = (
+        not accumulate
+        and self.is_root
+        and indices[0] is None
+        and indices[1] is None
+        and indices[3] is None
+        and indices[2] is not None
+        and indices[2].dim() == 1
+        and not indices[2].dtype == torch.bool
+    )
+    if not ok:
+        raise NotImplementedError(
+            "OScaR cache: index_put_ is supported only as cache[:, :, positions] = new (positions a 1-D int tensor)"
+        )
+    _check_write_target(self, values, "index_put_")
+    _record(self, values, _positions(indices[2], values))
+    return self
+
+
+@_implements([aten.copy_.default])
+def _(func, types, args, kwargs):
+    self, src = args[0], args[1]
+    if isinstance(src, _HALVES):  # whole-cache copy between two caches of the same layout
+        if type(src) is not type(self) or not (self.is_root and src.is_root):
+            raise NotImplementedError(f"OScaR cache: copy_ between {self.view} and {getattr(src, 'view', None)}")
+        for name in self.tensor_data_names:
+            getattr(self, name).copy_(getattr(src, name))
+        return self
+    v = self.view
+    if v.n_rep != 1 or v.five_d:
+        raise NotImplementedError("OScaR cache: copy_ into a GQA-expanded view of the cache")
+    _check_write_target(self, src, "slice assignment")
+    if src.shape[2] != v.stop - v.start:
+        raise ValueError(f"OScaR cache: slice assignment of {src.shape[2]} tokens into [{v.start}, {v.stop})")
+    root = self._with_view(KVView(1, False, 0, self._max_len()))
+    _record(root, src, torch.arange(v.start, v.stop, device=src.device))
+    return self
+
+
+@_implements([aten.slice.Tensor])
+def _(func, types, args, kwargs):
+    self, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    start = args[2] if len(args) > 2 else kwargs.get("start", None)
+    end = args[3] if len(args) > 3 else kwargs.get("end", None)
+    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+    v = self.view
+    ndim = 5 if v.five_d else 4
+    dim = dim % ndim
+    size = self.shape[dim]
+    start = 0 if start is None else (start + size if start < 0 else min(start, size))
+    end = size if end is None else (end + size if end < 0 else min(end, size))
+    if step == 1 and start == 0 and end == size:
+        return self._with_view(v)
+    if step == 1 and dim == ndim - 2:
+        return self._with_view(KVView(v.n_rep, v.five_d, v.start + start, v.start + end))
+    return _fallback(func, args, kwargs)
+
+
+@_implements([aten.unsqueeze.default])
+def _(func, types, args, kwargs):
+    self, dim = args
+    v = self.view
+    if not v.five_d and v.n_rep == 1 and dim == 2:
+        return self._with_view(KVView(1, True, v.start, v.stop))
+    return _fallback(func, args, kwargs)
+
+
+@_implements([aten.expand.default])
+def _(func, types, args, kwargs):
+    self, size = args[0], list(args[1])
+    v = self.view
+    if v.five_d and len(size) == 5:
+        want = list(self.shape)
+        n = size[2]
+        if all(s in (-1, w) for i, (s, w) in enumerate(zip(size, want)) if i != 2) and (v.n_rep == 1 or n == v.n_rep):
+            return self._with_view(KVView(n, True, v.start, v.stop))
+    if list(size) == list(self.shape) or all(s == -1 or s == w for s, w in zip(size, self.shape)):
+        return self._with_view(v)
+    return _fallback(func, args, kwargs)
+
+
+@_implements([aten.view.default, aten._unsafe_view.default, aten.reshape.default])
+def _(func, types, args, kwargs):
+    self, size = args[0], list(args[1])
+    v = self.view
+    b, h = self.shape[0], self.shape[1]
+    t, d = v.stop - v.start, self.shape[-1]
+    if v.five_d and size in ([b, h * v.n_rep, t, d], [b, -1, t, d], [b, h * v.n_rep, -1, d]):
+        return self._with_view(KVView(v.n_rep, False, v.start, v.stop))
+    if size == list(self.shape):
+        return self._with_view(v)
+    return _fallback(func, args, kwargs)
+
+
+@_implements([aten.clone.default])
+def _(func, types, args, kwargs):
+    self = args[0]
+    if not self.is_root:
+        # a view (e.g. from repeat_kv) is never written: its logical content is the state, no copy needed
+        return self._with_view(self.view)
+    return self._apply_fn_to_data(lambda x: x.clone())
+
+
+def _skip_from_mask(mask: torch.Tensor, positions: torch.Tensor, batch: int) -> torch.Tensor:
+    """Left pads of this chunk: new tokens the mask forbids to attend to themselves. ``[B]`` int32."""
+    # mask: [B or 1, H or 1, T, K] bool (True = attend) or additive float
+    m = mask[:, 0]
+    t = positions.shape[0]
+    diag = m.gather(-1, positions.view(1, t, 1).expand(m.shape[0], t, 1)).squeeze(-1)  # [Bm, T]
+    allowed = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    return (~allowed).sum(-1).to(torch.int32).expand(batch).contiguous()
+
+
+def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
+    """``oscar::sdpa`` over a layer's cache halves: attend to stored + pending tokens, then append them."""
+    if not (isinstance(keys, OScaRKeyCache) and isinstance(values, OScaRValueCache)):
+        raise TypeError(f"cache_sdpa needs (OScaRKeyCache, OScaRValueCache), got {type(keys).__name__}, {type(values).__name__}")
+    if keys.channel != values.channel:
+        raise ValueError("cache_sdpa: keys and values belong to different layers' caches")
+    pk, pv = _take(keys.channel)
+    if (pk is None) != (pv is None):
+        raise RuntimeError("OScaR cache: keys were written this step but not values (or the reverse)")
+    new_k, positions = pk if pk is not None else (None, None)
+    new_v = pv[0] if pv is not None else None
+    b, hkv = keys.residual_keys.shape[:2]
+    q = query
+    packed = new_k is not None and new_k.shape[2] == 1 and q.shape[2] > 1 and q.shape[1] == hkv
+    if packed:  # transformers' pack_gqa: [B, Hq, 1, D] reshaped to [B, Hkv, n_rep, D]
+        q = q.reshape(b, hkv * q.shape[2], 1, q.shape[-1])
+    skip = None
+    if attn_mask is not None and new_k is not None:
+        skip = _skip_from_mask(attn_mask, positions, b)
+    cache = cache_tensors(keys, values)
+    fmt = keys.fmt
+    out = ops.attention(q, cache, fmt, new_k, new_v, skip, scale=scale, softcap=softcap, window=keys.window)
+    if new_k is not None:
+        ops.append_kv(cache, fmt, new_k, new_v, skip)
+        if skip is not None:
+            keys.offsets.add_(skip)
+        values.lengths.copy_(keys.lengths)
+        values.offsets.copy_(keys.offsets)
+    return out.reshape(query.shape) if packed else out
+
+
+@_implements([torch.ops.oscar.sdpa.default])
+def _(func, types, args, kwargs):
+    query, key, value, attn_mask, scale, softcap, is_causal = args
+    if isinstance(key, OScaRKeyCache) and isinstance(value, OScaRValueCache) and not is_oscar_cache(query):
+        return cache_sdpa(query, key, value, attn_mask, scale, softcap)
+    return _fallback(func, args, kwargs)
+
+
+@_implements_torch_function([F.scaled_dot_product_attention])
+def _(func, types, args, kwargs):
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    bound = dict(zip(names, args), **kwargs)
+    key, value = bound["key"], bound["value"]
+    if isinstance(key, OScaRKeyCache) and isinstance(value, OScaRValueCache) and not bound.get("dropout_p"):
+        return ops.sdpa(bound["query"], key, value, bound.get("attn_mask"), scale=bound.get("scale"), is_causal=True)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+for _cls in _HALVES:
+    _cls.__module__ = __name__
+torch.serialization.add_safe_globals([OScaRKeyCache, OScaRValueCache, KVView])
