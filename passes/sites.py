@@ -566,6 +566,11 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32) -> Site |
     for which, t in (("key", kt), ("value", vt)):
         if t.error:
             return f"{which}: {t.error}"
+        if op_name(t.source) == "cat" and any(_graph_input(i) for i in t.source.args[0]):
+            return (
+                f"{which} cache grown with torch.cat at {t.source.name}: its shape changes every step, so it cannot be "
+                "replaced by a preallocated OScaR cache (use a static buffer written with index_copy_/index_put_)"
+            )
         if not _graph_input(t.source):
             return f"{which} is computed in this graph ({op_name(t.source)} at {t.source.name}), not read from a cache input"
     if kt.source is vt.source:

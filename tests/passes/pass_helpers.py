@@ -1,0 +1,112 @@
+"""``check_rewrite``: the one helper every pass test uses (STYLE convention 14).
+
+eager vs ``oscar.compile(fullgraph=True)``: the report shows the expected sites, ``oscar::`` ops appear in the
+Inductor code, zero graph breaks, rewritten caches are freed, and outputs match
+
+* the OScaR reference (:func:`oscar_reference`) when something is rewritten, within ``ATOL``/``RTOL``;
+* exactly the plain-Inductor compile of the same model when nothing is (untouched sites are untouched).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+
+import oscar_compile as oscar
+from oscar_compile import OScaRConfig, fake_quantize
+
+# fp32 models; OScaR attention runs in fp32 like SDPA, so differences are rounding only
+ATOL = 2e-4
+RTOL = 2e-4
+
+# residual 32 so a few dozen tokens already quantize complete blocks
+CONFIG = OScaRConfig(residual_length=32)
+
+
+@torch.no_grad()
+def oscar_reference(model, steps, cache_names, config):
+    """Run ``model`` eagerly with each named cache holding what an OScaR cache would hold.
+
+    Before each step the first ``L`` slots of every cache (``L`` = tokens stored so far) are replaced by
+    ``fake_quantize`` of the full-precision history; the step then writes its own tokens at full precision
+    and attends to both: attend-then-append (DESIGN §2).
+    """
+    history = {n: torch.zeros_like(model.get_buffer(n)) for n in cache_names}
+    stored, outs = 0, []
+    for x, pos in steps:
+        if int(pos[0]) == 0:
+            stored = 0
+        pairs = sorted(cache_names)
+        for k_name, v_name in zip(pairs[0::2], pairs[1::2]):  # ".k_cache" sorts before ".v_cache"
+            kh, vh = fake_quantize(history[k_name][:, :, :stored], history[v_name][:, :, :stored], config)
+            model.get_buffer(k_name)[:, :, :stored] = kh
+            model.get_buffer(v_name)[:, :, :stored] = vh
+        outs.append(model(x, pos))
+        for n in cache_names:
+            history[n][:, :, pos] = model.get_buffer(n)[:, :, pos]
+        stored = int(pos[-1]) + 1
+    return outs
+
+
+def check_rewrite(make_model, steps, *, rewritten, skipped=0, config=CONFIG, reasons=()):
+    """Compile ``make_model()`` with oscar.compile and check it against the references; returns the report.
+
+    steps: ``[(x, pos), ...]`` run in order. ``reasons``: substrings expected among the skip reasons.
+    """
+    torch.manual_seed(0)
+    model = make_model().eval()
+    eager = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
+    counters.clear()
+
+    compiled = oscar.compile(model, config, fullgraph=True, dynamic=False)
+    outs, code = [], []
+    with torch.no_grad():
+        for i, (x, pos) in enumerate(steps):
+            if i < 2:  # prefill and first decode shape: capture Inductor's code
+                out, src = run_and_get_code(compiled, x, pos)
+                code.extend(src)
+            else:
+                out = compiled(x, pos)
+            outs.append(out)
+    report = compiled.oscar_report
+
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    assert report.rewritten == rewritten, str(report)
+    assert len(report.skipped) == skipped, str(report)
+    for r in reasons:
+        assert any(r in reason for _, reason in report.skipped), f"no skip reason containing {r!r}:\n{report}"
+    text = "\n".join(code)
+    if rewritten:
+        assert "torch.ops.oscar.attention.default" in text and "torch.ops.oscar.append_kv.default" in text
+        assert 0 < report.kv_bytes_oscar < report.kv_bytes_bf16
+    else:
+        assert "oscar" not in text and report.kv_bytes_bf16 == 0
+
+    caches = [n for pair in report.caches for n in pair.split("/")]
+    for name in caches:  # the full-precision storage of rewritten caches is gone
+        assert compiled.get_buffer(name).untyped_storage().nbytes() == 0, name
+
+    if rewritten:
+        ref = oscar_reference(eager, steps, caches, config)
+        for i, (o, r) in enumerate(zip(outs, ref)):
+            torch.testing.assert_close(o, r, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {i}: {m}")
+    else:
+        plain_c = torch.compile(plain, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            for i, (x, pos) in enumerate(steps):
+                assert torch.equal(outs[i], plain_c(x, pos)), f"step {i}: untouched model output changed"
+                torch.testing.assert_close(outs[i], eager(x, pos), atol=1e-5, rtol=1e-5)
+    return report
+
+
+def decode_steps(batch=1, dim=128, prompt=40, decode=3, seed=0):
+    """A prefill of ``prompt`` tokens then ``decode`` single-token steps (enough to quantize blocks of 32)."""
+    g = torch.Generator().manual_seed(seed)
+    steps = [(torch.randn(batch, prompt, dim, generator=g), torch.arange(prompt))]
+    for i in range(decode):
+        steps.append((torch.randn(batch, 1, dim, generator=g), torch.arange(prompt + i, prompt + i + 1)))
+    return steps

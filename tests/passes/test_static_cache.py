@@ -1,0 +1,29 @@
+"""gpt-fast-style decoders: static buffers written in place, SDPA or matmul-softmax attention."""
+
+import pytest
+
+from pass_helpers import check_rewrite, decode_steps
+from pass_models import Decoder
+
+
+@pytest.mark.parametrize(
+    "write,gqa",
+    [("setitem", "repeat_interleave"), ("index_copy_", "repeat_kv")],
+)
+def test_gpt_fast_sdpa(write, gqa):
+    report = check_rewrite(lambda: Decoder(write=write, gqa=gqa), decode_steps(), rewritten=2)
+    site = next(iter(report.sites.values()))
+    assert (site.kind, site.heads, site.kv_heads, site.head_dim) == ("sdpa", 4, 2, 32)
+    assert site.mask_kind == "causal-position"
+
+
+def test_matmul_softmax_attention():
+    report = check_rewrite(lambda: Decoder(attn="matmul", write="index_copy_", gqa="repeat_kv"), decode_steps(), rewritten=2)
+    site = next(iter(report.sites.values()))
+    assert site.kind == "decomposed" and site.mask_kind == "causal-position"
+
+
+def test_two_layers_share_one_cache():
+    # layer 1 reads the cache layer 0 writes (cross-layer KV sharing): 2 sites, 1 cache, one append
+    report = check_rewrite(lambda: Decoder(share_cache=True), decode_steps(), rewritten=2)
+    assert len(report.caches) == 1, str(report)
