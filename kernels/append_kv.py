@@ -25,6 +25,7 @@ from .triton_utils import (
     _pack_tokens,
     _quantize_tile,
     _scalar_scale,
+    _to_dtype,
     hadamard_scale,
     levels_scale,
     next_pow2,
@@ -129,7 +130,7 @@ def _load_combined(res_ptr, new_ptr, b, hh, c, n_res, s, offs_d, d_ok,  #
     n_ptrs = new_ptr + b * snb + hh * snh + j[:, None] * snt + offs_d[None, :] * snd
     xr = tl.load(r_ptrs, mask=from_res[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     xn = tl.load(n_ptrs, mask=(~from_res)[:, None] & d_ok[None, :], other=0.0)
-    xn = xn.to(res_ptr.dtype.element_ty).to(tl.float32)
+    xn = _to_dtype(xn, res_ptr.dtype.element_ty).to(tl.float32)
     return tl.where(from_res[:, None], xr, xn)
 
 
@@ -244,11 +245,11 @@ def _append_residual_kernel(
         src = b * snb + hh[:, None, None] * snh + j[None, :, None] * snt + offs_d[None, None, :] * snd
         k = tl.load(new_k + src, mask=m)
         dst = b * srb + hh[:, None, None] * srh + r[None, :, None] * srt + offs_d[None, None, :] * srd
-        tl.store(res_k + dst, k.to(res_k.dtype.element_ty), mask=m)
+        tl.store(res_k + dst, _to_dtype(k, res_k.dtype.element_ty), mask=m)
         src = b * svb + hh[:, None, None] * svh + j[None, :, None] * svt + offs_d[None, None, :] * svd
         v = tl.load(new_v + src, mask=m)
         dst = b * swb + hh[:, None, None] * swh + r[None, :, None] * swt + offs_d[None, None, :] * swd
-        tl.store(res_v + dst, v.to(res_v.dtype.element_ty), mask=m)
+        tl.store(res_v + dst, _to_dtype(v, res_v.dtype.element_ty), mask=m)
     tl.store(lengths + b, length + n)
 
 

@@ -20,7 +20,7 @@ from .attention_ref import quantized_attention_ref
 from .cache_layout import CacheFormat, CacheTensors
 from .hadamard import hadamard_block_size
 from .quantization import QuantizedKeys, QuantizedValues
-from .triton_utils import _fwht_rows, _unpack_channels, _unpack_tokens, next_pow2, num_sms
+from .triton_utils import _fwht_rows, _to_dtype, _unpack_channels, _unpack_tokens, next_pow2, num_sms
 
 __all__ = ["cache_attention", "cache_attention_ref", "check_attention_inputs", "num_kv_splits"]
 
@@ -308,7 +308,7 @@ def _attend_tail(kb, vb, st_k, sd_k, st_v, sd_v, first, hi, base_pos, qf, q_pos,
         r_ok = r < hi
         kv_mask = r_ok[:, None] & d_ok[None, :]
         kt = tl.load(kb + r[:, None] * st_k + offs_d[None, :] * sd_k, mask=kv_mask, other=0.0)
-        kt = kt.to(cache_ty).to(tl.float32)
+        kt = _to_dtype(kt, cache_ty).to(tl.float32)
         sc = tl.dot(qf, tl.trans(kt), input_precision="ieee")
         if SOFTCAP:
             sc = _softcap_log2(sc, softcap)
@@ -323,7 +323,7 @@ def _attend_tail(kb, vb, st_k, sd_k, st_v, sd_v, first, hi, base_pos, qf, q_pos,
         p = tl.exp2(sc - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(vb + r[:, None] * st_v + offs_d[None, :] * sd_v, mask=kv_mask, other=0.0)
-        vt = vt.to(cache_ty).to(tl.float32)
+        vt = _to_dtype(vt, cache_ty).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
         m_i = m_new
     return m_i, l_i, acc
@@ -402,7 +402,7 @@ def _cache_attn_merge_kernel(
     done = row_ok & (l_i > 0)
     o = tl.where(done[:, None], acc / tl.where(done, l_i, 1.0)[:, None], 0.0)
     o_ptrs = out + b * sob + (h * GROUP + qg)[:, None] * soh + qi[:, None] * sot + offs_d[None, :] * sod
-    tl.store(o_ptrs, o.to(out.dtype.element_ty), mask=st_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, _to_dtype(o, out.dtype.element_ty), mask=st_ok[:, None] & d_ok[None, :])
 
 
 def num_kv_splits(batch: int, kv_heads: int, row_blocks: int, max_len: int, num_sms: int, block_n: int) -> int:

@@ -163,3 +163,20 @@ def _quantize_tile(x, LEVELS: tl.constexpr, AXIS: tl.constexpr, lscale, SCALAR_R
     code = tl.floor(y + 0.5)
     code = tl.minimum(tl.maximum(code, 0.0), LEVELS).to(tl.int32)
     return code, mn, sc
+
+
+@triton.jit
+def _to_dtype(x, ty: tl.constexpr):
+    # Cast through fp32 with round-to-nearest-even, like torch's .to(). fp32 -> bf16 is done with integer
+    # ops (add 0x7FFF + lsb, keep the high half): the compiled cast rounds the same way, but the Triton
+    # 3.6 interpreter truncates by default and its "rtne" mode rounds ties up. NaN stays NaN.
+    x = x.to(tl.float32)
+    if ty == tl.float32:
+        return x
+    elif ty == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        r = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+        r = tl.where(x != x, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(ty)
