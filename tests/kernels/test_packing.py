@@ -1,0 +1,50 @@
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from oscar_compile.kernels import codes_per_byte, pack_codes, unpack_codes
+from testing_utils import bits
+
+
+@given(b=bits, dim=st.integers(0, 3), seed=st.integers(0, 1000))
+def test_round_trip_is_exact(b, dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = [2, 3, 5, 7]
+    shape[dim] = 8 * (1 + seed % 3)
+    codes = torch.randint(0, 1 << b, shape, generator=gen, dtype=torch.uint8)
+    packed = pack_codes(codes, b, dim)
+    expect = list(shape)
+    expect[dim] //= codes_per_byte(b)
+    assert packed.dtype == torch.uint8 and list(packed.shape) == expect
+    assert torch.equal(unpack_codes(packed, b, dim), codes)
+
+
+@pytest.mark.parametrize("b", [2, 4])
+def test_every_code_combination_in_a_byte_round_trips(b):
+    per = codes_per_byte(b)
+    combos = torch.tensor(list(itertools.product(range(1 << b), repeat=per)), dtype=torch.uint8)
+    packed = pack_codes(combos, b, dim=1)
+    assert packed.shape == (len(combos), 1)
+    # every byte value appears exactly once: the layout is a bijection
+    assert sorted(packed.flatten().tolist()) == list(range(256))
+    assert torch.equal(unpack_codes(packed, b, dim=1), combos)
+
+
+def test_documented_bit_order():
+    codes = torch.tensor([1, 2, 3, 0], dtype=torch.uint8)
+    assert pack_codes(codes, 2, 0).item() == 1 | 2 << 2 | 3 << 4
+    assert pack_codes(torch.tensor([5, 10], dtype=torch.uint8), 4, 0).item() == 5 | 10 << 4
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="bits"):
+        pack_codes(torch.zeros(8, dtype=torch.uint8), 3, 0)
+    with pytest.raises(TypeError, match="uint8"):
+        pack_codes(torch.zeros(8, dtype=torch.int32), 2, 0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pack_codes(torch.zeros(6, dtype=torch.uint8), 2, 0)
+    with pytest.raises(TypeError, match="uint8"):
+        unpack_codes(torch.zeros(8, dtype=torch.float32), 2, 0)
