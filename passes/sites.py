@@ -97,7 +97,16 @@ def shape_of(node: Any) -> tuple | None:
 
 
 def _is_const(x, value) -> bool:
-    return not isinstance(x, fx.Node) and isinstance(x, (int, float)) and float(x) == value
+    """``x`` is the number ``value``: a Python constant, or (ATen graphs) a 0-d ``full``/``scalar_tensor``."""
+    if isinstance(x, fx.Node):
+        name = op_name(x)
+        if name == "full" and list(x.args[0]) == []:
+            x = x.args[1]
+        elif name == "scalar_tensor":
+            x = x.args[0]
+        else:
+            return False
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and float(x) == value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,6 +289,18 @@ def _trace_cache(node: fx.Node, kv_heads_hint: int | None = None) -> _Trace:
     return _Trace(cur, chain, gqa)
 
 
+_VIEWISH = _LAYOUT_OPS | {"view", "reshape", "_unsafe_view", "expand", "unsqueeze", "repeat_interleave", "getitem",
+                          "slice", "transpose", "permute", "flatten", "narrow", "index_copy_", "index_put_",
+                          "index_copy", "index_put", "slice_scatter", "repeat", "squeeze", "select"}  # fmt: skip
+
+
+def _root(node):
+    """First node above ``node`` that is not a view/layout op (ignores whether the views are supported)."""
+    while op_name(node) in _VIEWISH and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def _between(node, stop):
     out = []
     while node is not stop and isinstance(node, fx.Node):
@@ -377,9 +398,16 @@ def find_cache_writes(cache: fx.Node) -> tuple[list[CacheWrite], list[str]]:
                 writes.append(CacheWrite(copies[0], "copy_", cache, copies[0].args[1], pos, extra=[user]))
         elif name == "slice_scatter" and arg(user, 2, "dim", 0) in (2, -2):
             writes.append(CacheWrite(user, name, cache, user.args[1], arg(user, 3, "start", 0)))
-        elif name in _WRITE_NAMES or (isinstance(name, str) and name.endswith("_") and name not in ("copy_",)):
+        elif name == "copy_" and _writes_of(user.args[1], cache):
+            pass  # functionalized epilogue copy_(cache, index_copy(cache, ...)): part of that write
+        elif name in _WRITE_NAMES or (isinstance(name, str) and name.endswith("_")):
             problems.append(f"{user.name}: unsupported in-place op {name} on the cache")
     return writes, problems
+
+
+def _writes_of(node, cache) -> bool:
+    """``node`` is a functional write (aten index_put/index_copy/slice_scatter) of ``cache``."""
+    return op_name(node) in ("index_put", "index_copy", "slice_scatter") and node.args[0] is cache
 
 
 def _seq_index(idx):
@@ -492,7 +520,7 @@ def _reaches_matmul(node) -> bool:
     return False
 
 
-def _classify_mask(mask, mask_op, is_causal, position, values: dict) -> str:
+def _classify_mask(mask, mask_op, is_causal, position, values: dict, check_values: bool = True) -> str:
     """``"causal"`` / ``"causal-position"`` or a reason string."""
     if mask is None:
         return "causal" if is_causal else "no attention mask over a static cache (unwritten slots would be attended)"
@@ -526,26 +554,40 @@ def _classify_mask(mask, mask_op, is_causal, position, values: dict) -> str:
         return f"masked_fill mask {mask.name} is not the negation of a keep-mask"
     if mask_op == "add" and getattr(meta_val(m), "dtype", None) is not torch.bool:
         return f"additive float attention mask {mask.name} (possibly a position bias such as ALiBi) is not supported"
-    # m should be causal_buffer[None, None, position] (or [position] / [..., position, :])
-    if op_name(m) == "getitem" and _graph_input(m.args[0]):
-        idx = m.args[1] if isinstance(m.args[1], tuple) else (m.args[1],)
-        tensors = [i for i in idx if isinstance(i, fx.Node)]
-        others_ok = all(i is None or i == slice(None) for i in idx if not isinstance(i, fx.Node))
-        if len(tensors) == 1 and others_ok and tensors[0] is position:
-            buf = values.get(m.args[0])
-            if buf is None or isinstance(buf, torch._subclasses.FakeTensor):
-                return f"mask buffer {m.args[0].name} has no value to check (only real example inputs are)"
-            if buf.dim() == 2 and buf.shape[0] == buf.shape[1] and not buf.is_meta:
-                keep = buf != 0
-                if torch.equal(keep, torch.tril(torch.ones_like(keep))):
-                    return "causal-position"
-            return f"mask buffer {m.args[0].name} is not a lower-triangular (causal) mask"
-        return f"mask {m.name} does not select rows of a mask buffer by the write positions"
+    # m should be causal_buffer[None, None, position] (Dynamo getitem; ATen: unsqueezes + index)
+    if op_name(m) in ("getitem", "index"):
+        buf, lead = m.args[0], 0
+        while op_name(buf) == "unsqueeze" and arg(buf, 1, "dim") in range(0, lead + 2):
+            buf, lead = buf.args[0], lead + 1
+        idx = m.args[1] if isinstance(m.args[1], (tuple, list)) else (m.args[1],)
+        tensors = [i for i, x in enumerate(idx) if isinstance(x, fx.Node)]
+        if not _graph_input(buf) or len(tensors) != 1 or idx[tensors[0]] is not position:
+            return f"mask {m.name} does not select rows of a mask buffer by the write positions"
+        before = idx[: tensors[0]]
+        if op_name(m) == "getitem":  # None adds an axis, a slice consumes a buffer dim
+            row = sum(1 for x in before if x is not None)
+        else:  # aten index: None keeps a dim
+            row = len(before) - lead
+        rest_ok = all(x is None or x == slice(None) for i, x in enumerate(idx) if i != tensors[0])
+        if row != 0 or not rest_ok:
+            return f"mask {m.name} indexes its buffer {idx} away from the query rows"
+        value = values.get(buf)
+        if value is None or isinstance(value, torch._subclasses.FakeTensor) or value.is_meta:
+            return "causal-position-unchecked" if not check_values else f"mask buffer {buf.name} has no value to check"
+        if value.dim() == 2 and value.shape[0] == value.shape[1]:
+            keep = value != 0
+            if torch.equal(keep, torch.tril(torch.ones_like(keep))):
+                return "causal-position"
+        return f"mask buffer {buf.name} is not a lower-triangular (causal) mask"
     return f"attention mask from {op_name(m) or getattr(m, 'name', m)} is not a recognized causal mask"
 
 
-def match_attention(node: fx.Node, values: dict, group_size: int = 32) -> Site | str:
-    """Match one attention node; ``values`` maps graph-input nodes to example tensors (for mask checks)."""
+def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_values: bool = True) -> Site | str:
+    """Match one attention node; ``values`` maps graph-input nodes to example tensors (for mask checks).
+
+    ``check_values=False`` (report-only passes without real inputs) accepts a position-indexed mask buffer
+    whose contents cannot be read, as mask kind ``"causal-position-unchecked"``; the rewrite never does.
+    """
     name = op_name(node)
     if name in _SDPA_NAMES:
         a = _sdpa_args(node)
@@ -564,8 +606,10 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32) -> Site |
     q, k, v = a["query"], a["key"], a["value"]
     kt, vt = _trace_cache(k), _trace_cache(v)
     for which, t in (("key", kt), ("value", vt)):
-        if t.error:
+        if t.error and _graph_input(_root(k if which == "key" else v)):
             return f"{which}: {t.error}"
+        if t.error:  # not a cache read at all: say where the tensor comes from
+            t = _Trace(_root(k if which == "key" else v), [])
         if op_name(t.source) == "cat" and any(_graph_input(i) for i in t.source.args[0]):
             return (
                 f"{which} cache grown with torch.cat at {t.source.name}: its shape changes every step, so it cannot be "
@@ -616,8 +660,8 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32) -> Site |
         scale = 1.0 / math.sqrt(d) if kind == "sdpa" else 1.0
     if isinstance(scale, fx.Node):
         return f"non-constant softmax scale {scale.name}"
-    mask_kind = _classify_mask(mask, mask_op, a.get("is_causal", False), kw.position, values)
-    if mask_kind not in ("causal", "causal-position"):
+    mask_kind = _classify_mask(mask, mask_op, a.get("is_causal", False), kw.position, values, check_values)
+    if mask_kind not in ("causal", "causal-position", "causal-position-unchecked"):
         return mask_kind
     removable |= set(kt.nodes) | set(vt.nodes)
     return Site(
