@@ -516,16 +516,6 @@ def _(func, types, args, kwargs):
     return self._apply_fn_to_data(lambda x: x.clone())
 
 
-def _skip_from_mask(mask: torch.Tensor, positions: torch.Tensor, batch: int) -> torch.Tensor:
-    """Left pads of this chunk: new tokens the mask forbids to attend to themselves. ``[B]`` int32."""
-    # mask: [B or 1, H or 1, T, K] bool (True = attend) or additive float
-    m = mask[:, 0]
-    t = positions.shape[0]
-    diag = m.gather(-1, positions.view(1, t, 1).expand(m.shape[0], t, 1)).squeeze(-1)  # [Bm, T]
-    allowed = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
-    return (~allowed).sum(-1).to(torch.int32).expand(batch).contiguous()
-
-
 def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
     """``oscar::sdpa`` over a layer's cache halves: attend to stored + pending tokens, then append them."""
     if not (isinstance(keys, OScaRKeyCache) and isinstance(values, OScaRValueCache)):
@@ -544,7 +534,7 @@ def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
         q = q.reshape(b, hkv * q.shape[2], 1, q.shape[-1])
     skip = None
     if attn_mask is not None and new_k is not None:
-        skip = _skip_from_mask(attn_mask, positions, b)
+        skip = ops.left_pads(attn_mask, positions, b)
     cache = cache_tensors(keys, values)
     fmt = keys.fmt
     out = ops.attention(q, cache, fmt, new_k, new_v, skip, scale=scale, softcap=softcap, window=keys.window)

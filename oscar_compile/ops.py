@@ -10,6 +10,8 @@ Two ops, named as the graph passes and the cache subclass call them:
   stored cache plus the step's own keys/values at full precision (``kernels.cache_attention``). Returns
   a new contiguous tensor with the query's shape and dtype.
 
+* ``torch.ops.oscar.left_pads(mask, positions, batch) -> Tensor``: the ``skip`` of a chunk read from
+  the attention mask (new tokens no query may see are left padding).
 * ``torch.ops.oscar.sdpa(query, key, value, attn_mask, scale, softcap, is_causal) -> Tensor``: the entry
   point through which a model's attention reaches the cache. With plain ``key``/``value`` it is ordinary
   scaled-dot-product attention (GQA, bool or additive mask, logit softcap); when ``key``/``value`` are the
@@ -45,7 +47,7 @@ from .kernels.append_kv import append_kv_ref
 from .kernels.cache_attention import cache_attention_ref
 from .kernels.cache_layout import CacheFormat, CacheTensors
 
-__all__ = ["append_kv", "attention", "sdpa", "triton_launcher"]
+__all__ = ["append_kv", "attention", "left_pads", "sdpa", "triton_launcher"]
 
 Tensor = torch.Tensor
 
@@ -274,6 +276,28 @@ def _(query, key, value, attn_mask, scale, softcap, is_causal):
 
 
 # ---------------------------------------------------------------------------------------------------
+# left_pads: which of a chunk's new tokens are left padding, read from the attention mask
+
+
+@torch.library.custom_op("oscar::left_pads", mutates_args=())
+def _left_pads_op(mask: Tensor, positions: Tensor, batch: int) -> Tensor:
+    # mask: [B or 1, H or 1, T, K] bool (True = attend) or additive float; positions: [T] -> [B] int32
+    # A real new token at position p is visible at least to its own query (causal diagonal, inside any
+    # window); a pad is visible to no query. An opaque op on purpose: fused into transformers' mask
+    # construction, the same few aten ops hit an Inductor CPU vectorization bug (int64 padding mask).
+    cols = mask[:, 0].index_select(-1, positions)  # [Bm, T queries, T new keys]
+    if cols.dtype != torch.bool:
+        cols = cols > torch.finfo(cols.dtype).min / 2
+    seen = cols.any(1).sum(-1)  # [Bm]
+    return (positions.shape[0] - seen).to(torch.int32).expand(batch).contiguous()
+
+
+@_left_pads_op.register_fake
+def _(mask, positions, batch):
+    return torch.empty((batch,), dtype=torch.int32, device=mask.device)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Python wrappers
 
 
@@ -347,3 +371,9 @@ def sdpa(
     return torch.ops.oscar.sdpa(
         query, key, value, attn_mask, float(scale), None if softcap is None else float(softcap), bool(is_causal)
     )
+
+
+def left_pads(mask: Tensor, positions: Tensor, batch: int) -> Tensor:
+    """``oscar::left_pads``: ``[B]`` int32 count of a chunk's new tokens (at ``positions`` ``[T]``) that the
+    attention ``mask`` ``[B|1, H|1, T, K]`` hides from every query, i.e. left padding (the ``skip`` of the ops)."""
+    return torch.ops.oscar.left_pads(mask, positions, batch)
