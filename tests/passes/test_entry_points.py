@@ -79,7 +79,8 @@ def test_inductor_custom_pass_finds_sites_on_aten_graphs():
     p = OScaRInductorPass(CONFIG)
     assert p.uuid() == OScaRInductorPass(CONFIG).uuid()
     assert p.uuid() != OScaRInductorPass(OScaRConfig.kivi()).uuid()
-    with torch._inductor.config.patch(post_grad_custom_post_pass=p), torch.no_grad():
+    # a cached graph (same pass uuid) skips post-grad passes entirely: compile afresh
+    with torch._inductor.config.patch(post_grad_custom_post_pass=p, fx_graph_cache=False), torch.no_grad():
         torch.compile(model, fullgraph=True, dynamic=False)(torch.randn(1, 5, 128), torch.arange(5))
     assert [s.mask_kind for _, s in p.found] == ["causal-position-unchecked"] * 2
     assert {s.write_op for _, s in p.found} == {"index_put"}
