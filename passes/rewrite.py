@@ -121,7 +121,7 @@ def sync_lengths(lengths: torch.Tensor, position, from_zero: bool) -> None:
 
 def _clean_path(path: str) -> str:
     """``L['self']._modules['layers']._modules['0'].k_cache`` -> ``layers.0.k_cache``."""
-    path = re.sub(r"^L\['[^']*'\]", "", path)
+    path = re.sub(r"^L\['args'\]\[0\]|^L\['[^']*'\]", "", path)  # the module is `self` or `args[0]`
     path = re.sub(r"\.(_modules|_buffers|_parameters)\b", "", path)
     path = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", path)
     return path.strip(".")
@@ -169,6 +169,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
         key = (site.key_cache, site.value_cache)
         groups.setdefault(key, []).append(site)
 
+    _record_cache_subclass_sites(graph, values, report)
+
     rewritten = 0
     grad = torch.is_grad_enabled() and any(getattr(v, "requires_grad", False) for v in example_inputs)
     for (kc, vc), sites in groups.items():
@@ -210,9 +212,40 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
     return rewritten
 
 
+def _record_cache_subclass_sites(graph: fx.Graph, values, report: OScaRReport) -> None:
+    """Sites already on OScaR state: ``oscar::sdpa`` over OScaR cache subclasses (transformers' OScaRCache).
+
+    These come from the cache integration (``oscar_compile.hf_cache``), not from this rewrite: the model's
+    ``index_copy_`` writes and attention reach the ops through the subclass. They are reported as rewritten
+    (kind ``"sdpa (OScaRCache)"``) with the cache's exact bytes.
+    """
+    from ..kv_tensor import is_oscar_cache, layer_nbytes
+
+    for node in graph.nodes:
+        if not (node.op == "call_function" and _is_oscar(node) and op_name(node) == "sdpa"):
+            continue
+        k, v = node.args[1], node.args[2]
+        kt, vt = values.get(k), values.get(v)
+        if not (is_oscar_cache(kt) and is_oscar_cache(vt)):
+            continue
+        b, hkv, max_len, d = kt.shape
+        qs = shape_of(node.args[0])
+        name = site_name(node)
+        cache = f"{_input_name(k, values)}/{_input_name(v, values)}"
+        writes = sorted({op_name(u) for u in k.users if u is not node})
+        report.add_rewritten(
+            SiteRecord(name, "sdpa (OScaRCache)", cache, qs[1] if qs else -1, hkv, d, "attention_mask (left padding)",
+                       ",".join(writes) or "none")  # fmt: skip
+        )
+        bf16 = 2 * kt.numel() * kt.element_size()
+        report.add_cache(cache, bf16, layer_nbytes(kt, vt))
+
+
 def _is_oscar(node) -> bool:
     t = node.target
-    return isinstance(t, torch._ops.OpOverload) and t.namespace == "oscar"
+    if isinstance(t, torch._ops.OpOverload):
+        return t.namespace == "oscar"
+    return isinstance(t, torch._ops.OpOverloadPacket) and t._qualified_op_name.startswith("oscar::")
 
 
 def _mark_reads(node, values, registry, reason):
