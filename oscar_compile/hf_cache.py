@@ -21,7 +21,9 @@ module for the write-then-attend mapping). ``update`` records the step's tokens 
   ``p`` iff ``p - window < j <= p``). Other layer types (chunked attention, linear attention, ...) keep
   transformers' own static layer and are listed in :attr:`OScaRCache.kept_layers`.
 * **Overflow**: a host-side counter of positions raises ``ValueError`` before anything is written past
-  ``max_cache_len`` (no device sync).
+  ``max_cache_len`` (no device sync). Inside a compiled region the counter is not read (it would be a
+  guard, i.e. a recompile per step); there the append op refuses to overflow (the CPU reference raises
+  ``ValueError``; the CUDA kernel must not write past ``max_len``) and the next eager call resyncs it.
 * ``reorder_cache`` (beam search), ``reset``, ``crop`` (within the residual window only), memory
   accounting (:meth:`OScaRCache.nbytes`, :meth:`OScaRCache.bf16_nbytes`, :meth:`OScaRCache.memory_report`).
 
@@ -68,13 +70,16 @@ class OScaRLayer(CacheLayerMixin):
 
     def __init__(self, max_cache_len: int, config: OScaRConfig, window: Optional[int] = None, **kwargs):
         super().__init__()
-        self.max_cache_len = max_cache_len
+        self.requested_len = max_cache_len  # what a transformers StaticLayer would hold
+        r = config.residual_length
+        self.max_cache_len = -(-max_cache_len // r) * r  # capacity: rounded up to whole residual blocks
         self.config = config
         self.window = window
         self.is_sliding = window is not None
         # positions seen (left pads included), device tensor like StaticLayer so compiled code reads no int
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
         self.host_length = 0  # the same count on the host, for the overflow check
+        self._host_stale = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: [B, Hkv, T, D]
@@ -101,12 +106,20 @@ class OScaRLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[-2]
-        if self.host_length + t > self.max_cache_len:
-            raise ValueError(
-                f"OScaR cache overflow: {self.host_length} positions stored, {t} more exceed max_cache_len "
-                f"{self.max_cache_len}; build the cache with a larger max_cache_len"
-            )
-        self.host_length += t
+        if _is_compiling():
+            # reading the host counter here would guard on it and recompile every step: a compiled step
+            # only marks it stale (a constant store, no guard); the CPU reference also refuses overflow
+            self._host_stale = True
+        else:
+            if self._host_stale:  # after compiled steps: one sync, outside the compiled decode loop
+                self.host_length = int(self.cumulative_length)
+                self._host_stale = False
+            if self.host_length + t > self.max_cache_len:
+                raise ValueError(
+                    f"OScaR cache overflow: {self.host_length} positions stored, {t} more exceed max_cache_len "
+                    f"{self.max_cache_len}; build the cache with a larger max_cache_len"
+                )
+            self.host_length += t
         cache_kwargs = args[0] if args and isinstance(args[0], dict) else kwargs.get("cache_kwargs") or {}
         positions = cache_kwargs.get("cache_position") if isinstance(cache_kwargs, dict) else None
         if positions is None:
@@ -140,6 +153,7 @@ class OScaRLayer(CacheLayerMixin):
                 half.offsets.zero_()
         self.cumulative_length.zero_()
         self.host_length = 0
+        self._host_stale = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row ``b`` becomes old row ``beam_idx[b]`` (in place, addresses kept)."""
@@ -165,14 +179,14 @@ class OScaRLayer(CacheLayerMixin):
         for half in (self.keys, self.values):
             half.lengths.sub_(n)
         self.cumulative_length.sub_(n)
-        self.host_length -= n
+        self.host_length, self._host_stale = int(self.cumulative_length), False
 
     def nbytes(self) -> int:
         return layer_nbytes(self.keys, self.values) if self.is_initialized else 0
 
     def bf16_nbytes(self) -> int:
         """Bytes of the transformers static layer this one replaces (model dtype, window-sized if sliding)."""
-        length = self.max_cache_len if self.window is None else min(self.window, self.max_cache_len)
+        length = self.requested_len if self.window is None else min(self.window, self.requested_len)
         elt = torch.empty(0, dtype=self.dtype).element_size()
         return 2 * self.batch_size * self.num_heads * length * self.head_dim * elt
 
@@ -197,7 +211,8 @@ class OScaRCache(Cache):
 
     Args:
         config: the model's ``PretrainedConfig``.
-        max_cache_len: positions per sequence (prompt, its left padding, and generated tokens).
+        max_cache_len: positions per sequence (prompt, its left padding, and generated tokens); OScaR
+            layers round it up to a multiple of ``oscar_config.residual_length``.
         oscar_config: quantization settings (default :class:`OScaRConfig`).
         quantize_sliding: quantize sliding-window layers (True) or keep them in transformers'
             bf16 ``StaticSlidingWindowLayer`` (False; reported in :attr:`kept_layers`).

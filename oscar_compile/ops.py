@@ -285,7 +285,8 @@ def _left_pads_op(mask: Tensor, positions: Tensor, batch: int) -> Tensor:
     # A real new token at position p is visible at least to its own query (causal diagonal, inside any
     # window); a pad is visible to no query. An opaque op on purpose: fused into transformers' mask
     # construction, the same few aten ops hit an Inductor CPU vectorization bug (int64 padding mask).
-    cols = mask[:, 0].index_select(-1, positions)  # [Bm, T queries, T new keys]
+    # positions past the mask (an overflowing write, refused by append_kv) are clamped, not read out of bounds
+    cols = mask[:, 0].index_select(-1, positions.clamp(max=mask.shape[-1] - 1))  # [Bm, T queries, T new keys]
     if cols.dtype != torch.bool:
         cols = cols > torch.finfo(cols.dtype).min / 2
     seen = cols.any(1).sum(-1)  # [Bm]
