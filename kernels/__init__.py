@@ -4,9 +4,9 @@ Each kernel module keeps a pure-torch reference (the CPU path and the test oracl
 kernel. ``packing`` alone owns the byte layout of the codes.
 """
 
-from .append_kv import append_kv_ref
+from .append_kv import append_kv, append_kv_ref
 from .attention_ref import quantized_attention_ref
-from .cache_attention import cache_attention_ref
+from .cache_attention import cache_attention, cache_attention_ref, num_kv_splits
 from .cache_layout import CacheFormat, CacheTensors, allocate_cache, cache_nbytes
 from .hadamard import hadamard_block_size, hadamard_matrix, hadamard_transform
 from .packing import SUPPORTED_BITS, codes_per_byte, pack_codes, unpack_codes
@@ -29,7 +29,9 @@ __all__ = [
     "CacheFormat",
     "CacheTensors",
     "allocate_cache",
+    "append_kv",
     "append_kv_ref",
+    "cache_attention",
     "cache_attention_ref",
     "cache_nbytes",
     "SUPPORTED_BITS",
@@ -46,6 +48,7 @@ __all__ = [
     "hadamard_transform",
     "head_flags",
     "key_token_norms",
+    "num_kv_splits",
     "pack_codes",
     "quantize_groups",
     "quantize_keys",

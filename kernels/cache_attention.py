@@ -445,9 +445,9 @@ def cache_attention(
     keys/values dequantized from their fp16 group parameters) with fp32 accumulation; softmax, merge,
     residual and new tokens are fp32. A query whose scaled value exceeds the fp16 range is not supported.
     """
-    check_attention_inputs(query, cache, new_keys, new_values, skip)
     if (new_keys is None) != (new_values is None):
         raise ValueError("new_keys and new_values must both be given or both be None")
+    check_attention_inputs(query, cache, new_keys, new_values, skip)
     g, r, bits = fmt.group_size, fmt.residual_length, fmt.bits
     if g & (g - 1) or g < 8:
         raise ValueError(f"Triton cache kernels need a power-of-two group_size >= 8, got {g}")

@@ -1,0 +1,206 @@
+"""Triton cache attention (kernels.cache_attention.cache_attention) against cache_attention_ref.
+
+Caches are filled by the reference append (random lengths per sequence, left padding, per-head key
+flags), then queried with and without the step's new keys, with skip, softcap and sliding windows.
+Unused cache storage is poisoned (0xFF codes, NaN parameters/residual) so a read outside the valid
+range shows as NaN, and the output buffer is allocated over NaN-filled memory so an unwritten element
+shows too.
+
+Tolerances: the quantized part dots fp16 operands (query and dequantized keys/values, 11-bit
+significands) with fp32 accumulation, everything else is fp32; outputs are rounded to the query dtype.
+A score of magnitude |s| thus carries an error of about |s| * 2**-11; with scores up to ~30 that is a
+~1% relative change of a softmax weight, which bounds the output error below. The same bound holds for
+fp32 queries (they are rounded to fp16 for the tensor-core dot too); bf16 adds its own output rounding.
+
+CPU runs the kernels in the Triton interpreter; ``OSCAR_TEST_CUDA=1`` on a GPU runs the same tests
+compiled, at realistic shapes (head_dim 128, 8 kv heads, thousands of tokens).
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oscar_compile.kernels import CacheFormat, allocate_cache
+from oscar_compile.kernels.append_kv import append_kv_ref
+from oscar_compile.kernels.cache_attention import cache_attention, cache_attention_ref, num_kv_splits
+
+ON_GPU = bool(os.environ.get("OSCAR_TEST_CUDA")) and torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+HEADS = (2, 8) if ON_GPU else (1, 2)
+GROUPS = (1, 4, 3) if ON_GPU else (1, 2, 3)
+DIMS = (64, 96, 128, 256) if ON_GPU else (32, 64, 96)
+RESIDUALS = (128,) if ON_GPU else (32, 64)
+MAX_STORED = 5000 if ON_GPU else 200
+EXAMPLES = 30 if ON_GPU else 30
+# |kernel - reference| <= ATOL + RTOL * |reference|, per output dtype
+FP16_DOT_TOL = 1e-2
+TOLERANCES = {torch.float32: (FP16_DOT_TOL,) * 2, torch.float16: (FP16_DOT_TOL,) * 2, torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def poisoned_cache(batch, heads, max_len, dim, fmt, dtype, rot, scl):
+    cache = allocate_cache(batch, heads, max_len, dim, fmt, dtype, DEVICE, rotate_keys=rot, token_scaling=scl)
+    for name in ("key_codes", "value_codes"):
+        getattr(cache, name).fill_(0xFF)
+    for name in ("key_mn", "key_scale", "key_norms", "value_mn", "value_scale", "residual_keys", "residual_values"):
+        getattr(cache, name).fill_(float("nan"))
+    return cache
+
+
+def _randn(shape, seed, dtype, scale=1.0):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype).to(DEVICE)
+
+
+def filled_cache(fmt, lengths, heads, dim, dtype, rot, scl, seed, max_len=None):
+    batch = len(lengths)
+    t = max(max(lengths), 1)
+    max_len = max_len or (-(-t // fmt.residual_length) + 1) * fmt.residual_length
+    cache = poisoned_cache(batch, heads, max_len, dim, fmt, dtype, rot, scl)
+    # keys with a per-token magnitude spread (what token scaling is for) and a per-channel offset
+    k = _randn((batch, heads, t, dim), seed, torch.float32)
+    k = k * (0.2 + 3 * torch.rand(batch, 1, t, 1, generator=torch.Generator().manual_seed(seed + 1))).to(DEVICE)
+    k = (k + _randn((1, heads, 1, dim), seed + 2, torch.float32)).to(dtype)
+    v = _randn((batch, heads, t, dim), seed + 3, dtype)
+    skip = torch.tensor([t - n for n in lengths], dtype=torch.int32, device=DEVICE)
+    append_kv_ref(cache, fmt, k, v, skip)
+    return cache
+
+
+def nan_out_memory(shape, dtype):
+    """Leave NaN in the allocator's freed block, so an output element the kernel skips stays NaN."""
+    torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def assert_attention_close(out, ref):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert not torch.isnan(out).any(), "unwritten (NaN) output elements or NaN from poisoned storage"
+    atol, rtol = TOLERANCES[out.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@st.composite
+def attention_cases(draw):
+    heads = draw(st.sampled_from(HEADS))
+    batch = draw(st.integers(1, 3))
+    tq = draw(st.sampled_from((1, 1, 2, 5, 16, 24)))
+    return dict(
+        heads=heads,
+        group=draw(st.sampled_from(GROUPS)),
+        dim=draw(st.sampled_from(DIMS)),
+        bits=draw(st.sampled_from((2, 4))),
+        r=draw(st.sampled_from(RESIDUALS)),
+        rotate_values=draw(st.booleans()),
+        dtype=draw(st.sampled_from((torch.float32, torch.float16, torch.bfloat16))),
+        lengths=draw(st.lists(st.integers(0, MAX_STORED), min_size=batch, max_size=batch)),
+        tq=tq,
+        new=draw(st.booleans()),
+        skips=draw(st.lists(st.integers(0, tq), min_size=batch, max_size=batch)),
+        use_skip=draw(st.booleans()),
+        rot=draw(st.lists(st.booleans(), min_size=heads, max_size=heads)),
+        scl=draw(st.lists(st.booleans(), min_size=heads, max_size=heads)),
+        window=draw(st.sampled_from((None, None, 1, 40, 150))),
+        softcap=draw(st.sampled_from((None, None, 5.0, 30.0))),
+        scale=draw(st.sampled_from((None, 0.08))),
+        seed=draw(st.integers(0, 2**20)),
+    )
+
+
+@settings(max_examples=EXAMPLES)
+@given(case=attention_cases())
+def test_attention_matches_reference(case):
+    fmt = CacheFormat(case["bits"], 32, case["r"], case["rotate_values"])
+    h, d, dtype, tq = case["heads"], case["dim"], case["dtype"], case["tq"]
+    rot = torch.tensor(case["rot"], device=DEVICE)
+    scl = torch.tensor(case["scl"], device=DEVICE)
+    cache = filled_cache(fmt, case["lengths"], h, d, dtype, rot, scl, case["seed"])
+    b = len(case["lengths"])
+    q = _randn((b, h * case["group"], tq, d), case["seed"] + 10, dtype)
+    nk = _randn((b, h, tq, d), case["seed"] + 11, dtype) if case["new"] else None
+    nv = _randn((b, h, tq, d), case["seed"] + 12, dtype) if case["new"] else None
+    skip = torch.tensor(case["skips"], dtype=torch.int32, device=DEVICE) if case["use_skip"] else None
+    kw = dict(scale=case["scale"], softcap=case["softcap"], window=case["window"])
+    nan_out_memory(q.shape, dtype)
+    out = cache_attention(q, cache, fmt, nk, nv, skip, **kw)
+    assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv, skip, **kw))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decode_gqa_long_context(bits):
+    """One decode token, 4 query heads per kv head, several splits, mixed key flags per head."""
+    fmt = CacheFormat(bits, 32, 128 if ON_GPU else 32, True)
+    lengths = [9000, 3001, 129] if ON_GPU else [300, 97, 33]
+    h, d = (8, 128) if ON_GPU else (2, 64)
+    rot = torch.tensor([True, False] * (h // 2), device=DEVICE)
+    scl = torch.tensor([True, True, False, False] * max(1, h // 4), device=DEVICE)[:h]
+    cache = filled_cache(fmt, lengths, h, d, torch.bfloat16, rot, scl, seed=bits)
+    q = _randn((3, 4 * h, 1, d), 5, torch.bfloat16)
+    nk, nv = _randn((3, h, 1, d), 6, torch.bfloat16), _randn((3, h, 1, d), 7, torch.bfloat16)
+    nan_out_memory(q.shape, torch.bfloat16)
+    out = cache_attention(q, cache, fmt, nk, nv)
+    assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv))
+
+
+def test_empty_cache_and_padding_rows():
+    """Nothing stored: a query sees only the step's tokens; left-padded rows return zeros."""
+    fmt = CacheFormat(2, 32, 32, True)
+    cache = filled_cache(fmt, [0, 0], 2, 32, torch.float32, True, True, seed=1)
+    q = _randn((2, 4, 3, 32), 2, torch.float32)
+    nk, nv = _randn((2, 2, 3, 32), 3, torch.float32), _randn((2, 2, 3, 32), 4, torch.float32)
+    skip = torch.tensor([3, 1], dtype=torch.int32, device=DEVICE)
+    nan_out_memory(q.shape, torch.float32)
+    out = cache_attention(q, cache, fmt, nk, nv, skip)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0]))
+    assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv, skip))
+
+
+def test_num_kv_splits_is_pure_and_bounded():
+    assert num_kv_splits(1, 8, 1, 131072, 132, 128) == num_kv_splits(1, 8, 1, 131072, 132, 128)
+    for args in [(1, 8, 1, 131072, 132, 128), (32, 8, 1, 4096, 132, 128), (4, 3, 2, 256, 4, 64)]:
+        s = num_kv_splits(*args)
+        assert 1 <= s <= 64
+        assert s <= max(1, args[3] // (4 * args[5]))
+    assert num_kv_splits(1, 8, 1, 131072, 132, 128) > num_kv_splits(32, 8, 1, 131072, 132, 128)
+
+
+def test_validation_errors():
+    fmt = CacheFormat(2, 32, 32, True)
+    cache = filled_cache(fmt, [5], 1, 32, torch.float32, True, True, seed=0)
+    q = torch.zeros(1, 2, 1, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="softcap"):
+        cache_attention(q, cache, fmt, softcap=-1.0)
+    with pytest.raises(ValueError, match="window"):
+        cache_attention(q, cache, fmt, window=0)
+    with pytest.raises(ValueError, match="both"):
+        cache_attention(q, cache, fmt, torch.zeros(1, 1, 1, 32, device=DEVICE), None)
+    odd = CacheFormat(2, 32, 32, True)
+    c160 = allocate_cache(1, 1, 32, 160, odd, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="head_dim 160"):
+        cache_attention(torch.zeros(1, 1, 1, 160, device=DEVICE), c160, odd)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graph capture needs the GPU (run with OSCAR_TEST_CUDA=1)")
+def test_decode_attention_cuda_graph_capturable():
+    fmt = CacheFormat(2, 32, 128, True)
+    cache = filled_cache(fmt, [4000, 700], 8, 128, torch.bfloat16, True, True, seed=3, max_len=8192)
+    for t in cache[:9]:  # lengths will move: make every slot hold finite data
+        if t.is_floating_point():
+            t.nan_to_num_(0.5)
+    q = _randn((2, 32, 1, 128), 4, torch.bfloat16)
+    nk, nv = _randn((2, 8, 1, 128), 5, torch.bfloat16), _randn((2, 8, 1, 128), 6, torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        cache_attention(q, cache, fmt, nk, nv)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cache_attention(q, cache, fmt, nk, nv)
+    for step in range(3):
+        cache.lengths.add_(37)  # lengths change between replays: read on the device
+        q.copy_(_randn(q.shape, 40 + step, torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_attention_close(out.clone(), cache_attention_ref(q, cache, fmt, nk, nv))
