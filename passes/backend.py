@@ -24,6 +24,12 @@ from .sites import find_attention_nodes, match_attention
 __all__ = ["OScaRBackend", "OScaRInductorPass", "oscar_backend", "default_backend"]
 
 
+# Inductor's reorder_for_locality moves oscar::attention next to its first user, after oscar::append_kv
+# (they are independent once functionalized); the append then cannot be re-inplaced and Inductor copies the
+# whole cache state every step (the DESIGN §4 pitfall). Keeping graph order keeps the append in place.
+INDUCTOR_DEFAULTS = {"reorder_for_locality": False}
+
+
 class OScaRBackend:
     """A torch.compile backend: rewrite the Dynamo graph's KV-cache attention, then compile with Inductor.
 
@@ -56,7 +62,7 @@ class OScaRBackend:
         else:
             from torch._inductor.compile_fx import compile_fx
 
-            compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_options or None)
+            compiled = compile_fx(gm, example_inputs, config_patches={**INDUCTOR_DEFAULTS, **self.inductor_options})
         if self.free_full_precision:
             self._free()
         return compiled

@@ -10,6 +10,7 @@ Inductor code, zero graph breaks, rewritten caches are freed, and outputs match
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from torch._dynamo.utils import counters
@@ -82,6 +83,10 @@ def check_rewrite(make_model, steps, *, rewritten, skipped=0, config=CONFIG, rea
     text = "\n".join(code)
     if rewritten:
         assert "torch.ops.oscar.attention.default" in text and "torch.ops.oscar.append_kv.default" in text
+        # quantize-on-write works in place on the state: no copy of the cache per step (DESIGN §4 pitfall)
+        appends = re.findall(r"torch\.ops\.oscar\.append_kv\.default\(([^)]*)\)", text)
+        for call in appends:
+            assert all(re.fullmatch(r"arg\d+_1", a.strip()) for a in call.split(",")[:9]), call
         assert 0 < report.kv_bytes_oscar < report.kv_bytes_bf16
     else:
         assert "oscar" not in text and report.kv_bytes_bf16 == 0
