@@ -405,20 +405,27 @@ def _cache_attn_merge_kernel(
     tl.store(o_ptrs, _to_dtype(o, out.dtype.element_ty), mask=st_ok[:, None] & d_ok[None, :])
 
 
-def num_kv_splits(batch: int, kv_heads: int, row_blocks: int, max_len: int, num_sms: int, block_n: int) -> int:
+def num_kv_splits(
+    batch: int, kv_heads: int, row_blocks: int, max_len: int, num_sms: int, block_n: int, programs_per_sm: int = 2
+) -> int:
     """Splits of the quantized prefix per (sequence, kv head, row block): a pure function of static sizes.
 
-    Aims at about two programs per multiprocessor over ``batch * kv_heads * row_blocks`` programs, never
-    fewer than 4 tiles of ``block_n`` tokens per split at a full cache, at most 64. Depends on the
-    cache capacity, not on the (device-side) lengths, so it is fixed for a captured decode step.
+    Aims at about ``programs_per_sm`` programs per multiprocessor over ``batch * kv_heads * row_blocks``
+    programs, never fewer than 4 tiles of ``block_n`` tokens per split at a full cache, at most 64.
+    Depends on the cache capacity, not on the (device-side) lengths, so it is fixed for a captured
+    decode step.
     """
     programs = max(1, batch * kv_heads * row_blocks)
-    want = -(-2 * num_sms // programs)
+    want = -(-programs_per_sm * num_sms // programs)
     cap = max(1, max_len // (4 * block_n))
     return max(1, min(want, cap, 64))
 
 
 _SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+# Launch parameters of the split (stage 1) kernel; benchmarks/decode_attention.py --sweep explores them.
+# Keyed on nothing that changes per step (never on sequence length).
+TUNING = {"block_n": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2}
 
 
 @torch.no_grad()
@@ -472,8 +479,8 @@ def cache_attention(
     rows = group * tq
     block_m = min(max(16, next_pow2(rows)), 64)
     num_mb = -(-rows // block_m)
-    block_n = min(64 if d_pad >= 256 else 128, r & -r)
-    splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n)
+    block_n = min(64 if d_pad >= 256 else TUNING["block_n"], r & -r)
+    splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n, TUNING["programs_per_sm"])
     part_o = torch.empty((bsz, hkv, num_mb, splits, block_m, d_pad), dtype=torch.float32, device=query.device)
     part_lse = torch.empty((bsz, hkv, num_mb, splits, block_m), dtype=torch.float32, device=query.device)
     has_skip, has_new = skip is not None, new_keys is not None
@@ -495,7 +502,7 @@ def cache_attention(
         *c.key_codes.stride(), *c.key_mn.stride(), *c.key_norms.stride(),
         *c.value_codes.stride(), *c.value_mn.stride(),
         BITS=bits, G=g, BLOCK_N=block_n, **common,
-        num_warps=4 if d_pad <= 128 else 8, num_stages=3,
+        num_warps=TUNING["num_warps"] if d_pad <= 128 else 8, num_stages=TUNING["num_stages"],
     )  # fmt: skip
     splits_p2 = next_pow2(splits)
     split_chunk = max(1, min(splits_p2, 16384 // (block_m * d_pad)))
