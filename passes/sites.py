@@ -202,6 +202,7 @@ class _Trace:
     nodes: list  # layout nodes between source and the attention (read chain)
     gqa: int = 1  # head repetition removed by the trace
     error: str | None = None
+    ends: list = field(default_factory=list)  # stops of sequence-prefix slices on the way
 
 
 def _trace_cache(node: fx.Node, kv_heads_hint: int | None = None) -> _Trace:
@@ -210,7 +211,7 @@ def _trace_cache(node: fx.Node, kv_heads_hint: int | None = None) -> _Trace:
     Checks that the layout ops compose to the identity on ``[B, H, S, D]`` apart from a consecutive
     (``repeat_kv``-style) head repetition and slices of S starting at 0.
     """
-    chain = []
+    chain, ends = [], []
     gqa = 1
     perm = [0, 1, 2, 3]  # logical dims at current positions (tracked back from the attention end)
     cur = node
@@ -277,7 +278,7 @@ def _trace_cache(node: fx.Node, kv_heads_hint: int | None = None) -> _Trace:
                     new[p[i]] = perm[i]
                 perm = new
             else:  # getitem / slice / narrow: only slices of S from 0
-                why = _check_seq_slice(cur, name, in_shape, perm)
+                why = _check_seq_slice(cur, name, in_shape, perm, ends)
                 if why:
                     return _Trace(cur, chain, gqa, why)
         else:
@@ -286,7 +287,7 @@ def _trace_cache(node: fx.Node, kv_heads_hint: int | None = None) -> _Trace:
         cur = src
     if perm != [0, 1, 2, 3]:
         return _Trace(cur, chain, gqa, f"cache read through transposes that do not cancel (dims {perm})")
-    return _Trace(cur, chain, gqa)
+    return _Trace(cur, chain, gqa, ends=ends)
 
 
 _VIEWISH = _LAYOUT_OPS | {"view", "reshape", "_unsafe_view", "expand", "unsqueeze", "repeat_interleave", "getitem",
@@ -325,8 +326,8 @@ def _unsqueeze_source(node, chain):
     return f"repeat_kv expansion at {getattr(node, 'name', node)} does not insert the repeat axis at dim 2"
 
 
-def _check_seq_slice(node, name, in_shape, perm) -> str | None:
-    """Allow only slices of the sequence dim (logical 2) that start at 0; everything else is a reason."""
+def _check_seq_slice(node, name, in_shape, perm, ends: list) -> str | None:
+    """Allow only slices of the sequence dim (logical 2) that start at 0 (their stops go to ``ends``)."""
     if name == "getitem":
         idx = node.args[1]
         idx = idx if isinstance(idx, tuple) else (idx,)
@@ -338,13 +339,15 @@ def _check_seq_slice(node, name, in_shape, perm) -> str | None:
             dim, start, step = arg(node, 1, "dim", 0), arg(node, 2, "start", None), arg(node, 4, "step", 1)
         else:  # narrow(x, dim, start, length)
             dim, start, step = node.args[1], node.args[2], 1
-        items = [(dim % len(in_shape), slice(start, None, step))]
+        stop = arg(node, 3, "end", None) if name == "slice" else node.args[3]
+        items = [(dim % len(in_shape), slice(start, stop, step))]
     for d, s in items:
         full = s.start in (None, 0) and s.step in (None, 1)
         if s == slice(None):
             continue
         if perm[d] != 2 or not full:
             return f"cache sliced on dim {d} ({s}) at {node.name}: only prefixes of the sequence dim are allowed"
+        ends.append(s.stop)
     return None
 
 
@@ -398,6 +401,12 @@ def find_cache_writes(cache: fx.Node) -> tuple[list[CacheWrite], list[str]]:
                 writes.append(CacheWrite(copies[0], "copy_", cache, copies[0].args[1], pos, extra=[user]))
         elif name == "slice_scatter" and arg(user, 2, "dim", 0) in (2, -2):
             writes.append(CacheWrite(user, name, cache, user.args[1], arg(user, 3, "start", 0)))
+        elif name in _VIEWISH and any(
+            u.args and u.args[0] is user and (op_name(u) == "setitem" or str(op_name(u)).endswith("_"))
+            for u in user.users
+        ):
+            problems.append(f"{user.name}: cache written through a {name} view; only [B, H, S, D] caches written "
+                            "along dim 2 are rewritten")  # fmt: skip
         elif name == "copy_" and _writes_of(user.args[1], cache):
             pass  # functionalized epilogue copy_(cache, index_copy(cache, ...)): part of that write
         elif name in _WRITE_NAMES or (isinstance(name, str) and name.endswith("_")):
@@ -660,6 +669,13 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
         scale = 1.0 / math.sqrt(d) if kind == "sdpa" else 1.0
     if isinstance(scale, fx.Node):
         return f"non-constant softmax scale {scale.name}"
+    for end in kt.ends + vt.ends:
+        # a prefix [:end] must not hide stored tokens the OScaR attention would see
+        if end is None or (isinstance(end, int) and end >= max_len):
+            continue
+        if mask is None and a.get("is_causal") and not isinstance(end, fx.Node) and end == t:
+            continue  # prefill: is_causal over the step's own T tokens, written from position 0 (asserted)
+        return f"cache read through a prefix slice [:{getattr(end, 'name', end)}] that may hide stored tokens"
     mask_kind = _classify_mask(mask, mask_op, a.get("is_causal", False), kw.position, values, check_values)
     if mask_kind not in ("causal", "causal-position", "causal-position-unchecked"):
         return mask_kind
