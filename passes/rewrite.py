@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch._dynamo.utils import counters
 from torch._dynamo.source import ConstantSource
 
 from ..kernels.cache_layout import CacheFormat, CacheTensors, allocate_cache, cache_nbytes
@@ -162,10 +163,12 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
         name = site_name(node)
         site = match_attention(node, values, cfg.group_size)
         if isinstance(site, str):
+            counters["oscar"]["sites_skipped"] += 1
             report.add_skipped(name, site)
             _mark_reads(node, values, registry, site)
             continue
         site.name = name
+        site.cache_attrs = (_input_name(site.key_cache, values), _input_name(site.value_cache, values))
         key = (site.key_cache, site.value_cache)
         groups.setdefault(key, []).append(site)
 
@@ -182,11 +185,11 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
         if why:
             for s in sites:
                 report.add_skipped(s.name, why)
+            counters["oscar"]["sites_skipped"] += len(sites)
             registry.mark_untouched(values.get(kc), why)
             registry.mark_untouched(values.get(vc), why)
             continue
-        kname, vname = _input_name(kc, values), _input_name(vc, values)
-        state = registry.get_or_create(values[kc], values[vc], f"{kname}/{vname}")
+        state = registry.get_or_create(values[kc], values[vc], "/".join(sites[0].cache_attrs))
         _rewrite_group(gm, sites, state)
         report.add_cache(state.name, state.bf16_bytes, state.oscar_bytes)
         for s in sites:
@@ -194,6 +197,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
                 SiteRecord(s.name, s.kind, state.name, s.heads, s.kv_heads, s.head_dim, s.mask_kind, s.write_op)
             )
         rewritten += len(sites)
+        counters["oscar"]["sites_rewritten"] += len(sites)
 
     # a replaced cache must not be read by anything left in the graph: its storage is gone
     for ph in placeholders:
@@ -250,11 +254,12 @@ def _is_oscar(node) -> bool:
 
 def _mark_reads(node, values, registry, reason):
     """A skipped attention that reads a graph input keeps that input in full precision for good."""
-    from .sites import _trace_cache, _sdpa_args, _SDPA_NAMES
+    from .sites import _SDPA_NAMES, _decomposed_args, _sdpa_args, _trace_cache
 
-    if op_name(node) not in _SDPA_NAMES:
+    a = _sdpa_args(node) if op_name(node) in _SDPA_NAMES else _decomposed_args(node)
+    if isinstance(a, str):
         return
-    for n in (_sdpa_args(node)["key"], _sdpa_args(node)["value"]):
+    for n in (a["key"], a["value"]):
         src = _trace_cache(n).source
         if isinstance(src, fx.Node) and src in values:
             if registry.lookup(values[src]) is not None:

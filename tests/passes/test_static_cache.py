@@ -1,6 +1,7 @@
 """gpt-fast-style decoders: static buffers written in place, SDPA or matmul-softmax attention."""
 
 import pytest
+import torch
 
 from pass_helpers import check_rewrite, decode_steps
 from pass_models import Decoder
@@ -27,3 +28,8 @@ def test_two_layers_share_one_cache():
     # layer 1 reads the cache layer 0 writes (cross-layer KV sharing): 2 sites, 1 cache, one append
     report = check_rewrite(lambda: Decoder(share_cache=True), decode_steps(), rewritten=2)
     assert len(report.caches) == 1, str(report)
+
+
+def test_batch_of_two_bf16():
+    # B=2 sequences written at the same positions; bf16 model, caches and OScaR residual
+    check_rewrite(lambda: Decoder(batch=2), decode_steps(batch=2), rewritten=2, dtype=torch.bfloat16)
