@@ -206,6 +206,22 @@ def _layer_types(config) -> tuple[list[str], list[dict]]:
         return list(types), kwargs
 
 
+def _static_layer_class(kind: str):
+    """transformers' own static layer class for a layer type we do not quantize."""
+    try:
+        from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING
+
+        return STATIC_LAYER_TYPE_MAPPING[kind]
+    except ImportError:  # older 5.x: full and sliding/chunked layers only
+        from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+        if kind == "full_attention":
+            return StaticLayer
+        if kind in ("sliding_attention", "chunked_attention"):
+            return StaticSlidingWindowLayer
+        raise NotImplementedError(f"layer type {kind!r} is not supported by OScaRCache on this transformers version")
+
+
 class OScaRCache(Cache):
     """Static transformers cache whose attention layers hold the OScaR 2-bit state.
 
@@ -227,8 +243,6 @@ class OScaRCache(Cache):
         quantize_sliding: bool = True,
         **kwargs,
     ):
-        from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING
-
         self.oscar_config = oscar_config or OScaRConfig()
         self.max_cache_len = max_cache_len
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -240,7 +254,7 @@ class OScaRCache(Cache):
             elif kind == "sliding_attention" and quantize_sliding:
                 layers.append(OScaRLayer(max_cache_len, self.oscar_config, window=kw["sliding_window"]))
             else:
-                layers.append(STATIC_LAYER_TYPE_MAPPING[kind](max_cache_len=max_cache_len, **kw))
+                layers.append(_static_layer_class(kind)(max_cache_len=max_cache_len, **kw))
                 self.kept_layers[i] = kind
         super().__init__(layers=layers)
 

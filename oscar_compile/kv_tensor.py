@@ -17,8 +17,8 @@ exactly). The mapping chosen here:
   in a side channel shared by the layer's two halves;
 * **attention** (``torch.ops.oscar.sdpa`` with the halves as key/value, reached from
   ``F.scaled_dot_product_attention`` or from the ``"oscar"`` transformers attention function) consumes the
-  pending tokens: ``oscar::attention`` over the stored cache plus the pending tokens, then
-  ``oscar::append_kv`` of the same tokens.
+  pending tokens: attention over the stored cache plus the pending tokens, then append of the same tokens,
+  as one ``oscar::attend_append`` op (two ops would make Inductor copy the cache every step).
 
 So the numerics equal the reference rule by construction. The side channel is plain Python state: under
 ``torch.compile`` both the write and the attention run inside one traced forward (Dynamo records them as
@@ -537,9 +537,10 @@ def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
         skip = ops.left_pads(attn_mask, positions, b)
     cache = cache_tensors(keys, values)
     fmt = keys.fmt
-    out = ops.attention(q, cache, fmt, new_k, new_v, skip, scale=scale, softcap=softcap, window=keys.window)
-    if new_k is not None:
-        ops.append_kv(cache, fmt, new_k, new_v, skip)
+    if new_k is None:
+        out = ops.attention(q, cache, fmt, scale=scale, softcap=softcap, window=keys.window)
+    else:  # one op, so Inductor re-inplaces the append (ops.attend_append explains)
+        out = ops.attend_append(q, cache, fmt, new_k, new_v, skip, scale=scale, softcap=softcap, window=keys.window)
         if skip is not None:
             keys.offsets.add_(skip)
         values.lengths.copy_(keys.lengths)

@@ -10,6 +10,9 @@ Two ops, named as the graph passes and the cache subclass call them:
   stored cache plus the step's own keys/values at full precision (``kernels.cache_attention``). Returns
   a new contiguous tensor with the query's shape and dtype.
 
+* ``torch.ops.oscar.attend_append(<attention's arguments, new keys/values required>) -> Tensor``: both
+  of the above as one opaque op (mutates like ``append_kv``), which is what the cache subclass uses: with
+  two ops Inductor cannot re-inplace the append (see the op's comment) and copies the cache every step.
 * ``torch.ops.oscar.left_pads(mask, positions, batch) -> Tensor``: the ``skip`` of a chunk read from
   the attention mask (new tokens no query may see are left padding).
 * ``torch.ops.oscar.sdpa(query, key, value, attn_mask, scale, softcap, is_causal) -> Tensor``: the entry
@@ -47,7 +50,7 @@ from .kernels.append_kv import append_kv_ref
 from .kernels.cache_attention import cache_attention_ref
 from .kernels.cache_layout import CacheFormat, CacheTensors
 
-__all__ = ["append_kv", "attention", "left_pads", "sdpa", "triton_launcher"]
+__all__ = ["append_kv", "attend_append", "attention", "left_pads", "sdpa", "triton_launcher"]
 
 Tensor = torch.Tensor
 
@@ -232,6 +235,60 @@ _attention_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda("
 
 
 # ---------------------------------------------------------------------------------------------------
+# attend_append: one decode/prefill step of a layer (attention, then append), as one opaque op
+
+
+@torch.library.custom_op("oscar::attend_append", mutates_args=APPEND_MUTATES)
+def _attend_append_op(
+    query: Tensor,
+    key_codes: Tensor,
+    key_mn: Tensor,
+    key_scale: Tensor,
+    key_norms: Tensor,
+    value_codes: Tensor,
+    value_mn: Tensor,
+    value_scale: Tensor,
+    residual_keys: Tensor,
+    residual_values: Tensor,
+    lengths: Tensor,
+    key_rotated: Tensor,
+    key_scaled: Tensor,
+    new_keys: Tensor,
+    new_values: Tensor,
+    skip: Optional[Tensor],
+    bits: int,
+    group_size: int,
+    residual_length: int,
+    rotate_values: bool,
+    scale: float,
+    softcap: Optional[float],
+    window: Optional[int],
+) -> Tensor:
+    # Why a fused op: as two ops, attention (a pure read of the cache) and append (a mutation) have no
+    # data dependency once functionalized, and Inductor's reorder_for_locality sinks the attention below
+    # the append; the re-inplacing pass must then clone every cache buffer (and copy it back) each step.
+    # One op keeps the order inside it, so the append is re-inplaced. Opaque (custom_op, not triton_op)
+    # on CUDA too: a triton_op would be decomposed into the same two independent kernel calls.
+    cache = CacheTensors(
+        key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale,
+        residual_keys, residual_values, lengths, key_rotated, key_scaled,
+    )  # fmt: skip
+    fmt = CacheFormat(bits, group_size, residual_length, rotate_values)
+    attend, append = cache_attention_ref, append_kv_ref
+    if query.device.type == "cuda":
+        attend = triton_launcher("cache_attention") or attend
+        append = triton_launcher("append_kv") or append
+    out = attend(query, cache, fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
+    append(cache, fmt, new_keys, new_values, skip)
+    return out.contiguous()
+
+
+@_attend_append_op.register_fake
+def _(query, *args, **kwargs):
+    return torch.empty(query.shape, dtype=query.dtype, device=query.device)
+
+
+# ---------------------------------------------------------------------------------------------------
 # sdpa: the model-facing entry point (plain tensors here; the cache subclass intercepts it)
 
 
@@ -337,6 +394,37 @@ def attention(
     if scale is None:
         scale = query.shape[-1] ** -0.5
     return torch.ops.oscar.attention(
+        query,
+        *cache,
+        new_keys,
+        new_values,
+        skip,
+        fmt.bits,
+        fmt.group_size,
+        fmt.residual_length,
+        fmt.rotate_values,
+        float(scale),
+        None if softcap is None else float(softcap),
+        None if window is None else int(window),
+    )
+
+
+def attend_append(
+    query: Tensor,
+    cache: CacheTensors,
+    fmt: CacheFormat,
+    new_keys: Tensor,
+    new_values: Tensor,
+    skip: Optional[Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+) -> Tensor:
+    """``attention(...)`` then ``append_kv(...)`` of the same new keys/values, as one op (see its comment)."""
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    return torch.ops.oscar.attend_append(
         query,
         *cache,
         new_keys,

@@ -103,3 +103,36 @@ def test_overflow_raises():
     k = randn((2, 2, 9, 64))
     with pytest.raises(ValueError, match="overflow"):
         ops.append_kv(cache, FMT, k, k)
+
+
+def test_attend_append_is_attention_then_append():
+    cache = _filled_cache(FMT, [33, 70])
+    ref = _clone(cache)
+    q = randn((2, 4, 3, 64), seed=5)
+    k, v = randn((2, 2, 3, 64), seed=6), randn((2, 2, 3, 64), seed=7)
+    skip = torch.tensor([1, 0], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.oscar.attend_append.default, (q, *cache, k, v, skip, 2, 32, 32, True, 0.125, 20.0, 16))
+    out = ops.attend_append(q, cache, FMT, k, v, skip, softcap=20.0, window=16)
+    want = cache_attention_ref(q, ref, FMT, k, v, skip, softcap=20.0, window=16)
+    append_kv_ref(ref, FMT, k, v, skip)
+    assert torch.equal(out, want)
+    for a, b in zip(cache, ref):
+        assert torch.equal(a, b)
+
+
+def test_compiled_attend_append_is_reinplaced():
+    # attention and append as two ops: Inductor's reorder_for_locality sinks the (pure) attention below the
+    # append, so the append's cache arguments are cloned and copied back every step; the fused op is not
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    cache = allocate_cache(1, 2, 128, 64, FMT, torch.float32)
+
+    def step(q, k, v, *c):
+        return ops.attend_append(q, type(cache)(*c), FMT, k, v) + 1
+
+    q, k = randn((1, 4, 1, 64)), randn((1, 2, 1, 64), seed=1)
+    _, code = run_and_get_code(torch.compile(step, fullgraph=True), q, k, k, *cache)
+    code = "\n".join(code)
+    assert "torch.ops.oscar.attend_append.default(arg" in code.replace("reinterpret_tensor(", "")
+    assert "copy_" not in code and "clone" not in code
