@@ -122,8 +122,8 @@ def _record(half: "_OScaRHalf", new: torch.Tensor, positions: torch.Tensor) -> N
 
 
 def _take(channel: int):
-    chan = _CHANNELS.get(channel, {})
-    return chan.pop("keys", None), chan.pop("values", None)
+    chan = _CHANNELS.pop(channel, {})
+    return chan.get("keys"), chan.get("values")
 
 
 def _peek(half: "_OScaRHalf"):

@@ -303,3 +303,30 @@ def test_use_oscar_cache_hook_makes_generate_use_it():
         OScaRLayer.update = original
     assert torch.equal(hooked, explicit) and seen
     assert cache_kwarg_name(model) in ("cache", "past_key_values")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_transformers_sdpa_attention_routes_through_the_subclass(arch):
+    # attn_implementation "sdpa" (not "oscar"): repeat_kv / pack_gqa / key slicing and
+    # F.scaled_dot_product_attention on the cache halves reach the same op through the subclass
+    model, config = tiny(arch)
+    steps = chunks(batch=2)[:4]
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, :5] = 0
+    want = run(oscar(model), OScaRCache(config, 128, CFG), steps, mask)
+    model.set_attn_implementation("sdpa")
+    got = run(model, OScaRCache(config, 128, CFG), steps, mask)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g[0], w[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(g[1, -1], w[1, -1], rtol=0, atol=1e-6)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    cache = OScaRCache(config, 128, CFG)
+    single = chunks()[:3]
+    run(model, cache, single[:1])
+    got = [run(compiled, cache, [ids])[0] for ids in single[1:]]
+    want = run(oscar(model), OScaRCache(config, 128, CFG), single)[1:]
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+    assert not counters["graph_break"]
