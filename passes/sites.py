@@ -364,7 +364,14 @@ def find_cache_writes(cache: fx.Node) -> tuple[list[CacheWrite], list[str]]:
     writes, problems = [], []
     for user in cache.users:
         name = op_name(user)
-        if user.args[0] is not cache:
+        if not user.args or user.args[0] is not cache:
+            continue
+        if name in ("index_copy", "index_put", "slice_scatter") and not any(
+            op_name(u) == "copy_" and u.args[0] is cache and u.args[1] is user for u in cache.users
+        ):
+            # functional: only a write when copied back (the ATen epilogue); a Dynamo-level torch.index_put
+            # returns a new tensor and leaves the cache as it was
+            problems.append(f"{user.name}: functional {name} whose result is not copied back into the cache")
             continue
         if name == "setitem":
             pos = _seq_index(user.args[1])
