@@ -147,7 +147,8 @@ class OScaRLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         if self.is_initialized:
-            clear_pending(self.keys.channel)
+            clear_pending(self.keys)
+            clear_pending(self.values)
             for half in (self.keys, self.values):
                 half.lengths.zero_()
                 half.offsets.zero_()

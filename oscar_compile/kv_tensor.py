@@ -14,13 +14,13 @@ reference rule: a step's queries see ``fake_quantize(history before the step)`` 
 exactly). The mapping chosen here:
 
 * a **write** stores nothing: it records the step's new keys (or values) and their positions as *pending*
-  in a side channel shared by the layer's two halves;
+  on the half written to (a plain Python dict shared with the views made from it);
 * **attention** (``torch.ops.oscar.sdpa`` with the halves as key/value, reached from
   ``F.scaled_dot_product_attention`` or from the ``"oscar"`` transformers attention function) consumes the
   pending tokens: attention over the stored cache plus the pending tokens, then append of the same tokens,
   as one ``oscar::attend_append`` op (two ops would make Inductor copy the cache every step).
 
-So the numerics equal the reference rule by construction. The side channel is plain Python state: under
+So the numerics equal the reference rule by construction. The pending dict is plain Python state: under
 ``torch.compile`` both the write and the attention run inside one traced forward (Dynamo records them as
 ops on the subclass; AOTAutograd runs both ``__torch_dispatch__`` handlers in one trace), so the pending
 tensors become direct graph edges; nothing crosses a graph boundary. A layer whose pending tokens are never
@@ -65,7 +65,6 @@ every append) so the two subclass instances never share storage.
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from typing import NamedTuple, Optional
 
@@ -97,10 +96,9 @@ class KVView(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------------
-# pending-token side channel (write -> attention), one per layer, shared by its two halves
-
-_uids = itertools.count()
-_CHANNELS: dict[int, dict] = {}
+# pending tokens (write -> attention): a plain dict on each instance, shared with the views made from it.
+# Not a flattened attribute: Dynamo would guard on it (a recompile for every new cache), and AOTAutograd
+# re-creates the instances for each trace anyway, so writes and the attention of one trace share it.
 
 
 def _is_real(t: torch.Tensor) -> bool:
@@ -109,8 +107,7 @@ def _is_real(t: torch.Tensor) -> bool:
 
 
 def _record(half: "_OScaRHalf", new: torch.Tensor, positions: torch.Tensor) -> None:
-    chan = _CHANNELS.setdefault(half.channel, {})
-    stale = chan.get(half.role)
+    stale = half._pending.get("new")
     if stale is not None and _is_real(stale[0]):
         raise RuntimeError(
             f"OScaR cache: the previous step's {half.role} were written but never attended through "
@@ -118,26 +115,25 @@ def _record(half: "_OScaRHalf", new: torch.Tensor, positions: torch.Tensor) -> N
             "Route the layer's attention through F.scaled_dot_product_attention or attn_implementation='oscar'."
         )
     # a stale fake/functional entry is left over from an aborted trace: replace it
-    chan[half.role] = (new, positions)
+    half._pending["new"] = (new, positions)
 
 
-def _take(channel: int):
-    chan = _CHANNELS.pop(channel, {})
-    return chan.get("keys"), chan.get("values")
+def _take(half: "_OScaRHalf"):
+    return half._pending.pop("new", None)
 
 
 def _peek(half: "_OScaRHalf"):
-    return _CHANNELS.get(half.channel, {}).get(half.role)
+    return half._pending.get("new")
 
 
-def clear_pending(channel: int) -> None:
-    _CHANNELS.pop(channel, None)
+def clear_pending(half: "_OScaRHalf") -> None:
+    half._pending.clear()
 
 
 # ----------------------------------------------------------------------------------------------------
 # the subclasses
 
-_ATTRS = ["bits", "group_size", "residual_length", "rotate_values", "window", "channel", "view"]
+_ATTRS = ["bits", "group_size", "residual_length", "rotate_values", "window", "view"]
 
 
 class _OScaRHalf(TorchAOBaseTensor):
@@ -160,6 +156,7 @@ class _OScaRHalf(TorchAOBaseTensor):
         for name, value in zip(cls.tensor_attribute_names, attrs):
             setattr(self, name, value)
         self.view = view
+        self._pending = {}
         return self
 
     def __init__(self, *args):
@@ -181,11 +178,12 @@ class _OScaRHalf(TorchAOBaseTensor):
     def _with_view(self, view: KVView):
         tensors = [getattr(self, n) for n in self.tensor_data_names]
         attrs = [getattr(self, n) for n in self.tensor_attribute_names[:-1]]
-        return type(self)(*tensors, *attrs, view)
+        out = type(self)(*tensors, *attrs, view)
+        out._pending = self._pending  # views see the tokens written through the cache they come from
+        return out
 
     def _stable_hash_for_caching(self) -> str:
-        # the channel id only names the trace-time side channel; compiled code does not depend on it
-        attrs = {n: getattr(self, n) for n in self.tensor_attribute_names if n != "channel"}
+        attrs = {n: getattr(self, n) for n in self.tensor_attribute_names}
         return f"{type(self).__qualname__}{sorted(attrs.items())!r}"
 
     def nbytes_quantized(self) -> int:
@@ -319,7 +317,7 @@ def new_kv_cache(
     fmt = CacheFormat(config.bits, config.group_size, r, config.rotate_values)
     c = allocate_cache(batch, kv_heads, m, head_dim, fmt, dtype, device, config.rotate_keys, config.token_scaling)
     offsets = torch.zeros(batch, dtype=torch.int32, device=device)
-    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, next(_uids), KVView(1, False, 0, m)]
+    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, KVView(1, False, 0, m)]
     keys = OScaRKeyCache(
         c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.residual_keys, c.key_rotated, c.key_scaled,
         c.lengths, offsets, *attrs,
@@ -507,6 +505,11 @@ def _(func, types, args, kwargs):
     return _fallback(func, args, kwargs)
 
 
+@_implements([aten.alias.default, aten.detach.default])
+def _(func, types, args, kwargs):
+    return args[0]._with_view(args[0].view)
+
+
 @_implements([aten.clone.default])
 def _(func, types, args, kwargs):
     self = args[0]
@@ -520,9 +523,7 @@ def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
     """``oscar::sdpa`` over a layer's cache halves: attend to stored + pending tokens, then append them."""
     if not (isinstance(keys, OScaRKeyCache) and isinstance(values, OScaRValueCache)):
         raise TypeError(f"cache_sdpa needs (OScaRKeyCache, OScaRValueCache), got {type(keys).__name__}, {type(values).__name__}")
-    if keys.channel != values.channel:
-        raise ValueError("cache_sdpa: keys and values belong to different layers' caches")
-    pk, pv = _take(keys.channel)
+    pk, pv = _take(keys), _take(values)
     if (pk is None) != (pv is None):
         raise RuntimeError("OScaR cache: keys were written this step but not values (or the reverse)")
     new_k, positions = pk if pk is not None else (None, None)

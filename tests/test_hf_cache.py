@@ -116,7 +116,11 @@ def test_compiled_decode_fullgraph_no_graph_breaks(arch):
     for e, g in zip(eager, got):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
     assert not counters["graph_break"]
-    assert counters["stats"]["unique_graphs"] == 1  # one decode graph, reused at every step
+    # a new cache (generate() makes one per call) reuses the compiled decode graph
+    cache = OScaRCache(config, 128, CFG)
+    run(model, cache, steps[:1])
+    torch.testing.assert_close(run(compiled, cache, steps[1:2])[0], eager[1], rtol=0, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1  # one decode graph, reused at every step and cache
 
 
 def test_inductor_prefill_and_decode_with_left_padding():

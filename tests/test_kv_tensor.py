@@ -62,7 +62,7 @@ def test_layout_flatten_and_shapes():
     names, attrs = kc.__tensor_flatten__()
     assert names == OScaRKeyCache.tensor_data_names and attrs["view"] == KVView(1, False, 0, MAX_LEN)
     back = OScaRKeyCache.__tensor_unflatten__({n: getattr(kc, n) for n in names}, attrs, kc.shape, kc.stride())
-    assert all(getattr(back, n) is getattr(kc, n) for n in names) and back.channel == kc.channel
+    assert all(getattr(back, n) is getattr(kc, n) for n in names) and back.window is None
     # exact bytes: the CacheTensors of the layer plus each half's offsets and the value half's lengths copy
     layer = cache_tensors(kc, vc)
     extra = kc.offsets.nbytes + vc.offsets.nbytes + vc.lengths.nbytes
