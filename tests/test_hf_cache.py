@@ -334,3 +334,20 @@ def test_transformers_sdpa_attention_routes_through_the_subclass(arch):
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
     assert not counters["graph_break"]
+
+
+def test_generate_compiled_by_transformers_one_graph_across_calls():
+    # transformers compiles the decode forward itself for a compileable cache (CPU needs _compile_all_devices)
+    model, config = tiny("gemma2")
+    oscar(model)
+    prompt = chunks()[0]
+    eager = model.generate(prompt, past_key_values=OScaRCache(config, 128, CFG), max_new_tokens=12, **GREEDY)
+    compile_config = tf.CompileConfig(fullgraph=True, backend="aot_eager")
+    compile_config._compile_all_devices = True
+    model.generation_config.compile_config = compile_config
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):  # a fresh OScaRCache per call reuses the graph
+        got = model.generate(prompt, past_key_values=OScaRCache(config, 128, CFG), max_new_tokens=12, **GREEDY)
+        assert torch.equal(got, eager)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
