@@ -159,8 +159,12 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
 
     groups: dict[tuple, list[Site]] = {}
     failed: dict[tuple, str] = {}
+    seen: Counter = Counter()
     for node in find_attention_nodes(graph):
         name = site_name(node)
+        seen[name] += 1
+        if seen[name] > 1:  # several attentions in one module (e.g. a loop): number them in graph order
+            name = f"{name}#{seen[name] - 1}"
         site = match_attention(node, values, cfg.group_size)
         if isinstance(site, str):
             counters["oscar"]["sites_skipped"] += 1

@@ -331,6 +331,9 @@ def _check_seq_slice(node, name, in_shape, perm, ends: list) -> str | None:
     if name == "getitem":
         idx = node.args[1]
         idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(in_shape) == 5 and isinstance(idx[0], int) and all(i == slice(None) for i in idx[1:]):
+            return (f"per-layer slice [{idx[0]}] of a stacked cache buffer {tuple(in_shape)} at {node.name}: "
+                    "give each layer its own [B, H, S, D] buffer")  # fmt: skip
         if any(i is None or i is Ellipsis or not isinstance(i, slice) for i in idx):
             return f"cache indexed with {idx} at {node.name}"
         items = list(enumerate(idx))

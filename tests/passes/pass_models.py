@@ -146,3 +146,26 @@ class CrossAttentionDecoder(nn.Module):
         q = self.wq(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, self.enc_k, self.enc_v)
         return x + y.transpose(1, 2).reshape(b, t, -1)
+
+
+class StackedCacheDecoder(nn.Module):
+    """All layers' caches in one [L, B, H, S, D] buffer pair, each layer writing its slice ``k[i]``."""
+
+    def __init__(self, n_layers=2, dim=128, heads=4, max_len=128, batch=1):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.ModuleList([nn.Linear(dim, 3 * dim, bias=False) for _ in range(n_layers)])
+        self.register_buffer("k", torch.zeros(n_layers, batch, heads, max_len, self.head_dim))
+        self.register_buffer("v", torch.zeros(n_layers, batch, heads, max_len, self.head_dim))
+        self.register_buffer("causal_mask", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)))
+
+    def forward(self, x, pos):
+        b, t, _ = x.shape
+        mask = self.causal_mask[None, None, pos]
+        for i, proj in enumerate(self.qkv):
+            q, k, v = proj(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            self.k[i][:, :, pos] = k
+            self.v[i][:, :, pos] = v
+            y = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask)
+            x = x + y.transpose(1, 2).reshape(b, t, -1)
+        return x
