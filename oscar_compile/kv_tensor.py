@@ -36,8 +36,9 @@ Sliding-window layers: ``window`` (int or None) is passed to ``oscar::attention`
 whole (quantized), the window is applied in attention.
 
 Any other op falls back to an exact dequantize of the logical tensor (stored tokens dequantized at their
-logical positions, pending tokens at full precision, zeros elsewhere) with a one-time warning naming the
-op. In-place ops other than the writes raise ``NotImplementedError``.
+logical positions, zeros elsewhere) with a one-time warning naming the op. It raises
+``NotImplementedError`` while a step's tokens are pending (the model attends some other way, e.g. eager
+matmul attention, and the tokens would never be stored), and for in-place ops other than the writes.
 
 Fields (``G`` group size, ``R`` residual length, ``M`` max_len, a multiple of ``R``):
 
@@ -364,6 +365,15 @@ def _fallback(func, args, kwargs):
         raise NotImplementedError(
             f"OScaR cache: in-place op {name} is not supported on the quantized cache "
             f"(writes are index_copy_, index_put_ and slice assignment; arg types {[type(a).__name__ for a in args]})"
+        )
+    pending = [x for x in list(args) + list(kwargs.values()) if isinstance(x, _HALVES) and _peek(x) is not None]
+    if pending:
+        # the model reads the cache some other way than attention (e.g. eager matmul attention): the step's
+        # tokens would never be attended+appended, so later steps would silently miss them
+        raise NotImplementedError(
+            f"OScaR cache: {name} reads the cache while this step's {pending[0].role} are pending (written, not "
+            "yet attended). Attention over an OScaR cache must go through F.scaled_dot_product_attention or "
+            "attn_implementation='oscar' (oscar_compile.hf_cache.use_oscar_attention)."
         )
     if name not in _warned:
         _warned.add(name)

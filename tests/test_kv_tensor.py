@@ -163,19 +163,36 @@ def test_fallback_dequantizes_once_warned_and_refuses_unsafe_use():
     k, v = randn((1, HKV, 40, D), seed=1), randn((1, HKV, 40, D), seed=2)
     kc.index_copy_(2, torch.arange(40), k)
     vc.index_copy_(2, torch.arange(40), v)
+    with pytest.raises(NotImplementedError, match="pending"):
+        kc.transpose(2, 3)  # e.g. eager matmul attention: the written tokens would never be stored
+    ops.sdpa(randn((1, HKV * GROUP, 40, D)), kc, vc)  # attends + appends the pending tokens
+    fk, _ = fake_quantize(k, v, CFG)
     with pytest.warns(UserWarning, match="aten.mul.Tensor"):
-        doubled = kc * 2  # pending tokens are read at full precision
-    assert type(doubled) is torch.Tensor and torch.equal(doubled[:, :, :40], 2 * k)
+        doubled = kc * 2
+    assert type(doubled) is torch.Tensor
+    torch.testing.assert_close(doubled[:, :, :40], 2 * fk, rtol=0, atol=1e-6)
+    assert not doubled[:, :, 40:].any()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per op
         kc * 3
     with pytest.raises(NotImplementedError, match="add_"):
         kc.add_(1.0)
-    with pytest.raises(RuntimeError, match="never attended"):
-        kc.index_copy_(2, torch.arange(40, 41), k[:, :, :1])  # the first 40 were never attended/stored
-    ops.sdpa(randn((1, HKV * GROUP, 40, D)), kc, vc)  # attends + appends the pending tokens
-    fk, _ = fake_quantize(k, v, CFG)
     torch.testing.assert_close(kc.dequantize()[:, :, :40], fk, rtol=0, atol=1e-6)
+
+
+def test_dequantize_places_pending_tokens_and_left_pads():
+    kc, vc = new_kv_cache(2, HKV, MAX_LEN, D, CFG, torch.float32)
+    k, v = randn((2, HKV, 50, D), seed=1), randn((2, HKV, 50, D), seed=2)
+    kc.index_copy_(2, torch.arange(50), k)
+    vc.index_copy_(2, torch.arange(50), v)
+    assert torch.equal(kc.dequantize()[:, :, :50], k)  # pending: full precision at their positions
+    ops.sdpa(randn((2, HKV * GROUP, 50, D)), kc, vc, _padded_mask([0, 10], 50, 50))
+    fk0, _ = fake_quantize(k[:1], v[:1], CFG)
+    fk1, _ = fake_quantize(k[1:, :, 10:], v[1:, :, 10:], CFG)  # the pads were never stored
+    deq = kc.dequantize()
+    torch.testing.assert_close(deq[:1, :, :50], fk0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(deq[1:, :, 10:50], fk1, rtol=0, atol=1e-6)
+    assert not deq[1:, :, :10].any() and not deq[:, :, 50:].any()
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
