@@ -10,6 +10,7 @@ Inductor code, zero graph breaks, rewritten caches are freed, and outputs match
 from __future__ import annotations
 
 import copy
+import functools
 import re
 
 import torch
@@ -29,6 +30,11 @@ TOLERANCES = {torch.float32: (ATOL, RTOL), torch.bfloat16: (4e-2, 2e-2)}
 CONFIG = OScaRConfig(residual_length=32)
 
 
+def attr(module, path):
+    """``module.a.b.c`` for ``"a.b.c"`` (cache buffers or plain tensor attributes)."""
+    return functools.reduce(getattr, path.split("."), module)
+
+
 @torch.no_grad()
 def oscar_reference(model, steps, cache_names, config):
     """Run ``model`` eagerly with each named cache holding what an OScaR cache would hold.
@@ -37,7 +43,7 @@ def oscar_reference(model, steps, cache_names, config):
     ``fake_quantize`` of the full-precision history; the step then writes its own tokens at full precision
     and attends to both: attend-then-append (DESIGN §2).
     """
-    history = {n: torch.zeros_like(model.get_buffer(n)) for n in cache_names}
+    history = {n: torch.zeros_like(attr(model, n)) for n in cache_names}
     stored, outs = 0, []
     for x, pos in steps:
         if int(pos[0]) == 0:
@@ -45,11 +51,11 @@ def oscar_reference(model, steps, cache_names, config):
         pairs = sorted(cache_names)
         for k_name, v_name in zip(pairs[0::2], pairs[1::2]):  # ".k_cache" sorts before ".v_cache"
             kh, vh = fake_quantize(history[k_name][:, :, :stored], history[v_name][:, :, :stored], config)
-            model.get_buffer(k_name)[:, :, :stored] = kh
-            model.get_buffer(v_name)[:, :, :stored] = vh
+            attr(model, k_name)[:, :, :stored] = kh
+            attr(model, v_name)[:, :, :stored] = vh
         outs.append(model(x, pos))
         for n in cache_names:
-            history[n][:, :, pos] = model.get_buffer(n)[:, :, pos]
+            history[n][:, :, pos] = attr(model, n)[:, :, pos]
         stored = int(pos[-1]) + 1
     return outs
 
@@ -98,7 +104,7 @@ def check_rewrite(make_model, steps, *, rewritten, skipped=0, config=CONFIG, rea
 
     caches = [n for pair in report.caches for n in pair.split("/")]
     for name in caches:  # the full-precision storage of rewritten caches is gone
-        assert compiled.get_buffer(name).untyped_storage().nbytes() == 0, name
+        assert attr(compiled, name).untyped_storage().nbytes() == 0, name
 
     if rewritten:
         full = copy.deepcopy(eager)

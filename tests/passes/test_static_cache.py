@@ -33,3 +33,16 @@ def test_two_layers_share_one_cache():
 def test_batch_of_two_bf16():
     # B=2 sequences written at the same positions; bf16 model, caches and OScaR residual
     check_rewrite(lambda: Decoder(batch=2), decode_steps(batch=2), rewritten=2, dtype=torch.bfloat16)
+
+
+def test_caches_as_plain_attributes():
+    # caches kept as plain tensor attributes instead of registered buffers
+    def make():
+        model = Decoder(write="index_copy_")
+        for layer in model.layers:
+            cache = layer.kv_cache
+            cache.k_cache, cache.v_cache = cache._buffers.pop("k_cache"), cache._buffers.pop("v_cache")
+        return model
+
+    report = check_rewrite(make, decode_steps(decode=2), rewritten=2)
+    assert set(report.caches) == {f"layers.{i}.kv_cache.k_cache/layers.{i}.kv_cache.v_cache" for i in range(2)}
