@@ -39,9 +39,11 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from oscar_compile.kernels import CacheFormat, allocate_cache
-from oscar_compile.kernels import cache_attention as cache_attention_module
 from oscar_compile.kernels.append_kv import append_kv
 from oscar_compile.kernels.cache_attention import cache_attention
+
+# the module (kernels/__init__ re-exports the function under the same name)
+cache_attention_module = sys.modules["oscar_compile.kernels.cache_attention"]
 
 L2_BYTES = 60 * 2**20
 SHAPES = {"llama8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # (q heads, kv heads, head_dim)
@@ -198,13 +200,16 @@ def sweep(copy_bw):
     results = []
     for block_n in (64, 128):
         for warps in (4, 8):
-            for stages in (2, 3, 4):
-                cache_attention_module.TUNING.update(block_n=block_n, num_warps=warps, num_stages=stages)
-                try:
-                    row = bench_case("llama8b", 1, 131072, [2], copy_bw, sdpa=False)
-                    results.append((row["oscar2"], dict(cache_attention_module.TUNING)))
-                except Exception as exc:
-                    print("sweep config failed", cache_attention_module.TUNING, type(exc).__name__, str(exc)[:200])
+            for stages in (2, 3):
+                for magic in (True, False):
+                    cache_attention_module.TUNING.update(
+                        block_n=block_n, num_warps=warps, num_stages=stages, magic=magic
+                    )
+                    try:
+                        row = bench_case("llama8b", 1, 131072, [2], copy_bw, sdpa=False)
+                        results.append((row["oscar2"], dict(cache_attention_module.TUNING)))
+                    except Exception as exc:
+                        print("sweep config failed", cache_attention_module.TUNING, type(exc).__name__, str(exc)[:200])
     best = min(results, key=lambda x: x[0])
     cache_attention_module.TUNING.update(best[1])
     for pps in (1, 2, 4, 8):

@@ -20,7 +20,7 @@ from .attention_ref import quantized_attention_ref
 from .cache_layout import CacheFormat, CacheTensors
 from .hadamard import hadamard_block_size
 from .quantization import QuantizedKeys, QuantizedValues
-from .triton_utils import _fwht_rows, _to_dtype, _unpack_channels, _unpack_tokens, next_pow2, num_sms
+from .triton_utils import _fwht_rows, _to_dtype, _unpack_channels_f16, _unpack_tokens_f16, next_pow2, num_sms
 
 __all__ = ["cache_attention", "cache_attention_ref", "check_attention_inputs", "num_kv_splits"]
 
@@ -189,6 +189,7 @@ def _cache_attn_split_kernel(
     LOG2_HB: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, NUM_MB: tl.constexpr,  #
     HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,  #
+    MAGIC: tl.constexpr,  #
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -227,31 +228,32 @@ def _cache_attn_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    kc_base = key_codes + b * skcb + h * skch + offs_d[None, :] * skcd
-    km_base = b * skmb + h * skmh + offs_d[None, :] * skmd
+    # pointers advance by one tile per iteration (no per-element index math in the loop)
+    kc_ptrs = key_codes + b * skcb + h * skch + offs_d[None, :] * skcd \
+        + (start // PER_BYTE + tl.arange(0, BLOCK_N // PER_BYTE))[:, None] * skct
+    km_offs = b * skmb + h * skmh + offs_d[None, :] * skmd + (start // G + tl.arange(0, BLOCK_N // G))[:, None] * skmg
+    nrm_ptrs = key_norms + b * sknb + (start + tl.arange(0, BLOCK_N)) * sknt
     vc_cols = tl.arange(0, D_PAD // PER_BYTE)
     vm_cols = tl.arange(0, NG)
-    vc_base = val_codes + b * svcb + h * svch + vc_cols[None, :] * svcd
-    vm_base = b * svmb + h * svmh + vm_cols[None, :] * svmg
+    vc_ptrs = val_codes + b * svcb + h * svch + vc_cols[None, :] * svcd + (start + tl.arange(0, BLOCK_N))[:, None] * svct
+    vm_offs = b * svmb + h * svmh + vm_cols[None, :] * svmg + (start + tl.arange(0, BLOCK_N))[:, None] * svmt
     for t0 in range(start, end, BLOCK_N):
         tok = t0 + tl.arange(0, BLOCK_N)
         # keys: [BLOCK_N / PER_BYTE, D] packed bytes -> codes, fp16 group params broadcast over G tokens
-        krow = t0 // PER_BYTE + tl.arange(0, BLOCK_N // PER_BYTE)
-        grow = t0 // G + tl.arange(0, BLOCK_N // G)
         if EVEN_D:
-            kc = tl.load(kc_base + krow[:, None] * skct)
-            kmn = tl.load(key_mn + km_base + grow[:, None] * skmg)
-            ksc = tl.load(key_scale + km_base + grow[:, None] * skmg)
+            kc = tl.load(kc_ptrs)
+            kmn = tl.load(key_mn + km_offs)
+            ksc = tl.load(key_scale + km_offs)
         else:
-            kc = tl.load(kc_base + krow[:, None] * skct, mask=d_ok[None, :], other=0)
-            kmn = tl.load(key_mn + km_base + grow[:, None] * skmg, mask=d_ok[None, :], other=0.0)
-            ksc = tl.load(key_scale + km_base + grow[:, None] * skmg, mask=d_ok[None, :], other=0.0)
-        kcode = _unpack_tokens(kc, BLOCK_N, D_PAD, BITS).to(tl.float16)
-        kmn = tl.reshape(tl.broadcast_to(kmn[:, None, :], (BLOCK_N // G, G, D_PAD)), (BLOCK_N, D_PAD))
-        ksc = tl.reshape(tl.broadcast_to(ksc[:, None, :], (BLOCK_N // G, G, D_PAD)), (BLOCK_N, D_PAD))
-        k = kcode * ksc + kmn
+            kc = tl.load(kc_ptrs, mask=d_ok[None, :], other=0)
+            kmn = tl.load(key_mn + km_offs, mask=d_ok[None, :], other=0.0)
+            ksc = tl.load(key_scale + km_offs, mask=d_ok[None, :], other=0.0)
+        # dequantize in fp16 in the [group, token, channel] shape, so each group's (mn, scale) row
+        # broadcasts over its tokens without materializing a [BLOCK_N, D] parameter tile
+        kcode = _unpack_tokens_f16(kc, BLOCK_N, D_PAD, BITS, G, MAGIC)
+        k = tl.reshape(kcode * ksc[:, None, :] + kmn[:, None, :], (BLOCK_N, D_PAD))
         sc = tl.dot(qd, tl.trans(k))
-        nrm = tl.load(key_norms + b * sknb + tok * sknt)
+        nrm = tl.load(nrm_ptrs)
         sc = sc * tl.where(scl, nrm, 1.0)[None, :]
         if SOFTCAP:
             sc = _softcap_log2(sc, softcap)
@@ -268,30 +270,34 @@ def _cache_attn_split_kernel(
         acc = acc * alpha[:, None]
         # values: [BLOCK_N, D / PER_BYTE] packed bytes, fp16 (mn, scale) per token and G channels
         if EVEN_D:
-            vc = tl.load(vc_base + tok[:, None] * svct)
-            vmn = tl.load(val_mn + vm_base + tok[:, None] * svmt)
-            vsc = tl.load(val_scale + vm_base + tok[:, None] * svmt)
+            vc = tl.load(vc_ptrs)
+            vmn = tl.load(val_mn + vm_offs)
+            vsc = tl.load(val_scale + vm_offs)
         else:
             vcm = (vc_cols < HEAD_DIM // PER_BYTE)[None, :]
             vmm = (vm_cols < HEAD_DIM // G)[None, :]
-            vc = tl.load(vc_base + tok[:, None] * svct, mask=vcm, other=0)
-            vmn = tl.load(val_mn + vm_base + tok[:, None] * svmt, mask=vmm, other=0.0)
-            vsc = tl.load(val_scale + vm_base + tok[:, None] * svmt, mask=vmm, other=0.0)
-        vcode = _unpack_channels(vc, BLOCK_N, D_PAD, BITS).to(tl.float16)
-        vmn = tl.reshape(tl.broadcast_to(vmn[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, D_PAD))
-        vsc = tl.reshape(tl.broadcast_to(vsc[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, D_PAD))
-        v = vcode * vsc + vmn
+            vc = tl.load(vc_ptrs, mask=vcm, other=0)
+            vmn = tl.load(val_mn + vm_offs, mask=vmm, other=0.0)
+            vsc = tl.load(val_scale + vm_offs, mask=vmm, other=0.0)
+        vcode = _unpack_channels_f16(vc, BLOCK_N, D_PAD, BITS, G, MAGIC)
+        v = tl.reshape(vcode * vsc[:, :, None] + vmn[:, :, None], (BLOCK_N, D_PAD))
         acc += tl.dot(p.to(tl.float16), v)
         m_i = m_new
+        kc_ptrs += (BLOCK_N // PER_BYTE) * skct
+        km_offs += (BLOCK_N // G) * skmg
+        nrm_ptrs += BLOCK_N * sknt
+        vc_ptrs += BLOCK_N * svct
+        vm_offs += BLOCK_N * svmt
 
     has = l_i > 0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    rows = tl.arange(0, BLOCK_M)
-    slot = ((pid_bh * NUM_MB + mb) * SPLITS + split) * BLOCK_M
+    # partials of the real rows only: [B * Hkv, GROUP * T_Q, SPLITS, D_PAD] and [..., SPLITS]
+    row = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = (pid_bh * (GROUP * T_Q) + row) * SPLITS + split
     st_ok = qi < T_Q
-    tl.store(part_o + (slot + rows)[:, None] * D_PAD + offs_d[None, :], o, mask=st_ok[:, None])
-    tl.store(part_lse + slot + rows, lse, mask=st_ok)
+    tl.store(part_o + slot[:, None] * D_PAD + offs_d[None, :], o, mask=st_ok[:, None])
+    tl.store(part_lse + slot, lse, mask=st_ok)
 
 
 @triton.jit
@@ -299,8 +305,9 @@ def _attend_tail(kb, vb, st_k, sd_k, st_v, sd_v, first, hi, base_pos, qf, q_pos,
                  softcap, window, cache_ty: tl.constexpr,  #
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,  #
                  SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
-    # Online softmax over full-precision tokens r in [first, hi) of one source (residual or new), at
-    # positions base_pos + r, cast to the cache dtype first (as the reference does), fp32 dots.
+    # One query row: online softmax over full-precision tokens r in [first, hi) of one source
+    # (residual or new) at positions base_pos + r, cast to the cache dtype first (as the reference
+    # does), fp32 throughout. qf [D_PAD], acc [D_PAD], m_i/l_i scalars (log2 domain).
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     for r0 in range(first, hi, BLOCK_R):
@@ -308,23 +315,23 @@ def _attend_tail(kb, vb, st_k, sd_k, st_v, sd_v, first, hi, base_pos, qf, q_pos,
         r_ok = r < hi
         kv_mask = r_ok[:, None] & d_ok[None, :]
         kt = tl.load(kb + r[:, None] * st_k + offs_d[None, :] * sd_k, mask=kv_mask, other=0.0)
-        kt = _to_dtype(kt, cache_ty).to(tl.float32)
-        sc = tl.dot(qf, tl.trans(kt), input_precision="ieee")
+        kt = _to_dtype(kt, cache_ty)
+        sc = tl.sum(kt * qf[None, :], axis=1)
         if SOFTCAP:
             sc = _softcap_log2(sc, softcap)
         pos = base_pos + r
-        ok = r_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+        ok = r_ok & (pos <= q_pos)
         if WINDOW:
-            ok = ok & (pos[None, :] > q_pos[:, None] - window)
+            ok = ok & (pos > q_pos - window)
         sc = tl.where(ok, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p = tl.exp2(sc - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
         vt = tl.load(vb + r[:, None] * st_v + offs_d[None, :] * sd_v, mask=kv_mask, other=0.0)
-        vt = _to_dtype(vt, cache_ty).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        vt = _to_dtype(vt, cache_ty)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -337,72 +344,73 @@ def _cache_attn_merge_kernel(
     srb, srh, srt, srd, swb, swh, swt, swd,  #
     snb, snh, snt, snd, svb, svh, svt, svd,  #
     HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
-    LOG2_HB: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,  #
-    SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, NUM_MB: tl.constexpr,  #
+    LOG2_HB: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,  #
+    SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,  #
     ROTATE_V: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr,  #
     SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,  #
 ):
+    # one program per (sequence, kv head, query row = i * GROUP + g)
     pid_bh = tl.program_id(0)
-    mb = tl.program_id(1)
+    row = tl.program_id(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
-    length, n_quant, s, n_q, total, qi, qg, row_ok, q_pos = _row_setup(
-        lengths, skip, b, mb, T_Q, MAX_LEN, GROUP, R, BLOCK_M, HAS_SKIP, HAS_NEW)
-    rows = tl.arange(0, BLOCK_M)
+    qi = row // GROUP
+    qg = row % GROUP
+    length = tl.minimum(tl.load(lengths + b), MAX_LEN)
+    n_quant = length // R * R
+    s = 0
+    if HAS_SKIP:
+        s = tl.minimum(tl.maximum(tl.load(skip + b).to(tl.int32), 0), T_Q)
+    n_q = T_Q - s
+    total = length
+    if HAS_NEW:
+        total = length + n_q
+    q_pos = total - n_q + qi - s
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
-    st_ok = qi < T_Q
+    o_ptrs = out + b * sob + (h * GROUP + qg) * soh + qi * sot + offs_d * sod
+    if qi < s:  # left padding: zeros
+        tl.store(o_ptrs, _to_dtype(tl.zeros([D_PAD], tl.float32), out.dtype.element_ty), mask=d_ok)
+        return
 
-    # 1. merge the splits of the quantized prefix by their log2-sum-exp
-    slot0 = (pid_bh * NUM_MB + mb) * SPLITS
+    # 1. merge the splits of the quantized prefix by their log2-sum-exp (one load of all splits)
     sp = tl.arange(0, SPLITS_P2)
-    lse_all = tl.load(part_lse + (slot0 + sp)[:, None] * BLOCK_M + rows[None, :],
-                      mask=(sp < SPLITS)[:, None] & st_ok[None, :], other=float("-inf"))  # fmt: skip
-    m_q = tl.max(lse_all, axis=0)
+    slot = (pid_bh * (GROUP * T_Q) + row) * SPLITS + sp
+    lse = tl.load(part_lse + slot, mask=sp < SPLITS, other=float("-inf"))
+    o_s = tl.load(part_o + slot[:, None] * D_PAD + offs_d[None, :], mask=(sp < SPLITS)[:, None], other=0.0)
+    m_q = tl.max(lse, axis=0)
     mq_safe = tl.where(m_q == float("-inf"), 0.0, m_q)
-    l_q = tl.sum(tl.exp2(lse_all - mq_safe[None, :]), axis=0)
-    acc_q = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for c0 in tl.static_range(0, SPLITS, SPLIT_CHUNK):
-        sc_ = c0 + tl.arange(0, SPLIT_CHUNK)
-        c_ok = (sc_ < SPLITS)[:, None] & st_ok[None, :]
-        lse_c = tl.load(part_lse + (slot0 + sc_)[:, None] * BLOCK_M + rows[None, :], mask=c_ok, other=float("-inf"))
-        o_ptr = part_o + ((slot0 + sc_)[:, None, None] * BLOCK_M + rows[None, :, None]) * D_PAD + offs_d[None, None, :]
-        o_c = tl.load(o_ptr, mask=c_ok[:, :, None], other=0.0)
-        w = tl.exp2(lse_c - mq_safe[None, :])
-        acc_q += tl.sum(w[:, :, None] * o_c, axis=0)
+    w = tl.exp2(lse - mq_safe)
+    l_q = tl.sum(w, axis=0)
     has_q = l_q > 0
-    o_q = tl.where(has_q[:, None], acc_q / tl.where(has_q, l_q, 1.0)[:, None], 0.0)
+    o_q = tl.sum(w[:, None] * o_s, axis=0) / tl.where(has_q, l_q, 1.0)
     if ROTATE_V:  # back from the rotated value space: o = o' H
-        o_q = _fwht_rows(o_q, BLOCK_M, D_PAD, LOG2_HB) * hscale
+        o_q = tl.reshape(_fwht_rows(tl.reshape(o_q, (1, D_PAD)), 1, D_PAD, LOG2_HB), (D_PAD,)) * hscale
 
     # 2. continue the online softmax over the residual and the step's new tokens (original space)
     m_i = tl.where(has_q, m_q + tl.log2(tl.where(has_q, l_q, 1.0)), float("-inf"))
     l_i = tl.where(has_q, 1.0, 0.0)
-    acc = o_q
-    q_ptrs = q + b * sqb + (h * GROUP + qg)[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd
-    qf = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    acc = tl.where(has_q, o_q, 0.0)
+    qf = tl.load(q + b * sqb + (h * GROUP + qg) * sqh + qi * sqt + offs_d * sqd, mask=d_ok, other=0.0)
+    qf = qf.to(tl.float32)
     if SOFTCAP:
         qf = qf * qk_scale
     else:
         qf = qf * (qk_scale * 1.4426950408889634)
-    n_res = length - n_quant
     cache_ty = res_k.dtype.element_ty
-    # residual slots [0, n_res) sit at positions n_quant + r
+    # residual slots [0, length - n_quant) sit at positions n_quant + r
     m_i, l_i, acc = _attend_tail(
         res_k + b * srb + h * srh, res_v + b * swb + h * swh, srt, srd, swt, swd,
-        0, n_res, n_quant, qf, q_pos, m_i, l_i, acc, softcap, window, cache_ty,
+        0, length - n_quant, n_quant, qf, q_pos, m_i, l_i, acc, softcap, window, cache_ty,
         HEAD_DIM, D_PAD, BLOCK_R, SOFTCAP, WINDOW)  # fmt: skip
-    if HAS_NEW:  # this step's tokens j in [s, last query of the block] at positions length + j - s
-        last_i = tl.minimum(((mb + 1) * BLOCK_M - 1) // GROUP, T_Q - 1)
+    if HAS_NEW:  # this step's tokens j in [s, i] at positions length + j - s (causal)
         m_i, l_i, acc = _attend_tail(
             new_k + b * snb + h * snh, new_v + b * svb + h * svh, snt, snd, svt, svd,
-            s, last_i + 1, length - s, qf, q_pos, m_i, l_i, acc, softcap, window, cache_ty,
+            s, qi + 1, length - s, qf, q_pos, m_i, l_i, acc, softcap, window, cache_ty,
             HEAD_DIM, D_PAD, BLOCK_R, SOFTCAP, WINDOW)  # fmt: skip
 
-    done = row_ok & (l_i > 0)
-    o = tl.where(done[:, None], acc / tl.where(done, l_i, 1.0)[:, None], 0.0)
-    o_ptrs = out + b * sob + (h * GROUP + qg)[:, None] * soh + qi[:, None] * sot + offs_d[None, :] * sod
-    tl.store(o_ptrs, _to_dtype(o, out.dtype.element_ty), mask=st_ok[:, None] & d_ok[None, :])
+    o = tl.where(l_i > 0, acc / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    tl.store(o_ptrs, _to_dtype(o, out.dtype.element_ty), mask=d_ok)
 
 
 def num_kv_splits(
@@ -425,7 +433,7 @@ _SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 # Launch parameters of the split (stage 1) kernel; benchmarks/decode_attention.py --sweep explores them.
 # Keyed on nothing that changes per step (never on sequence length).
-TUNING = {"block_n": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2}
+TUNING = {"block_n": 128, "num_warps": 8, "num_stages": 3, "programs_per_sm": 2, "magic": True}
 
 
 @torch.no_grad()
@@ -481,8 +489,8 @@ def cache_attention(
     num_mb = -(-rows // block_m)
     block_n = min(64 if d_pad >= 256 else TUNING["block_n"], r & -r)
     splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n, TUNING["programs_per_sm"])
-    part_o = torch.empty((bsz, hkv, num_mb, splits, block_m, d_pad), dtype=torch.float32, device=query.device)
-    part_lse = torch.empty((bsz, hkv, num_mb, splits, block_m), dtype=torch.float32, device=query.device)
+    part_o = torch.empty((bsz, hkv, rows, splits, d_pad), dtype=torch.float32, device=query.device)
+    part_lse = torch.empty((bsz, hkv, rows, splits), dtype=torch.float32, device=query.device)
     has_skip, has_new = skip is not None, new_keys is not None
     skip_arg = skip if has_skip else cache.lengths
     nk = new_keys if has_new else cache.residual_keys
@@ -501,17 +509,17 @@ def cache_attention(
         *query.stride(),
         *c.key_codes.stride(), *c.key_mn.stride(), *c.key_norms.stride(),
         *c.value_codes.stride(), *c.value_mn.stride(),
-        BITS=bits, G=g, BLOCK_N=block_n, **common,
+        BITS=bits, G=g, BLOCK_N=block_n, MAGIC=bool(TUNING["magic"]), **common,
         num_warps=TUNING["num_warps"] if d_pad <= 128 else 8, num_stages=TUNING["num_stages"],
     )  # fmt: skip
     splits_p2 = next_pow2(splits)
-    split_chunk = max(1, min(splits_p2, 16384 // (block_m * d_pad)))
-    torch.library.wrap_triton(_cache_attn_merge_kernel)[(bsz * hkv, num_mb)](
+    merge = {k: v for k, v in common.items() if k not in ("BLOCK_M", "NUM_MB")}
+    torch.library.wrap_triton(_cache_attn_merge_kernel)[(bsz * hkv, rows)](
         query, c.residual_keys, c.residual_values, nk, nv, c.lengths, skip_arg, part_o, part_lse, out,
         *scalars,
         *query.stride(), *out.stride(),
         *c.residual_keys.stride(), *c.residual_values.stride(), *nk.stride(), *nv.stride(),
-        BLOCK_R=32, SPLITS_P2=splits_p2, SPLIT_CHUNK=split_chunk, ROTATE_V=bool(fmt.rotate_values), **common,
+        BLOCK_R=max(16, min(64, 4096 // d_pad)), SPLITS_P2=splits_p2, ROTATE_V=bool(fmt.rotate_values), **merge,
         num_warps=4,
     )  # fmt: skip
     return out

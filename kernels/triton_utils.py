@@ -3,7 +3,7 @@
 * ``_fwht_rows``: the Walsh–Hadamard butterfly of :func:`kernels.hadamard.hadamard_transform` on the
   rows of a register tile, stage for stage in the same order (half = block/2 down to 1, ``a+b`` then
   ``a-b``), so fp32 results are bit-identical to the reference before the ``1/sqrt(block)`` factor.
-* ``_unpack_tokens`` / ``_unpack_channels`` / ``_pack_tokens`` / ``_pack_channels``: the in-register
+* ``_unpack_tokens_f16`` / ``_unpack_channels_f16`` / ``_pack_tokens`` / ``_pack_channels``: the in-register
   form of the byte layout that ``kernels/packing.py`` documents (lowest bits first, ``8 // bits`` codes
   per byte; keys packed along tokens, values along channels). packing.py stays the one description of
   the layout; these helpers are its Triton mirror and are tested bit-exact against it.
@@ -94,38 +94,72 @@ def _scalar_scale(x, factor, SCALAR_RECIP: tl.constexpr):
 
 
 @triton.jit
+def _butterfly(x, M: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+    # one Sylvester stage on rows of x [M, D]: in each chunk of 2*HALF, (a, b) -> (a + b, a - b)
+    y = tl.reshape(x, (M, D // (2 * HALF), 2, HALF))
+    y = tl.permute(y, (0, 1, 3, 2))
+    a, b = tl.split(y)
+    y = tl.join(a + b, a - b)
+    y = tl.permute(y, (0, 1, 3, 2))
+    return tl.reshape(y, (M, D))
+
+
+@triton.jit
 def _fwht_rows(x, M: tl.constexpr, D: tl.constexpr, LOG2_HB: tl.constexpr):
-    # x: [M, D] fp32 -> x @ blockdiag(H_b) * sqrt(b), b = 2**LOG2_HB (unnormalized; caller scales).
+    # x: [M, D] fp32 -> x @ blockdiag(H_b) * sqrt(b), b = 2**LOG2_HB <= 256 (unnormalized; caller scales).
     # Same stage order as hadamard.hadamard_transform: half = b/2, b/4, ..., 1.
-    for stage in tl.static_range(LOG2_HB):
-        HALF: tl.constexpr = (1 << LOG2_HB) >> (stage + 1)
-        y = tl.reshape(x, (M, D // (2 * HALF), 2, HALF))
-        y = tl.permute(y, (0, 1, 3, 2))
-        a, b = tl.split(y)
-        y = tl.join(a + b, a - b)
-        y = tl.permute(y, (0, 1, 3, 2))
-        x = tl.reshape(y, (M, D))
+    if LOG2_HB >= 8:
+        x = _butterfly(x, M, D, 128)
+    if LOG2_HB >= 7:
+        x = _butterfly(x, M, D, 64)
+    if LOG2_HB >= 6:
+        x = _butterfly(x, M, D, 32)
+    if LOG2_HB >= 5:
+        x = _butterfly(x, M, D, 16)
+    if LOG2_HB >= 4:
+        x = _butterfly(x, M, D, 8)
+    if LOG2_HB >= 3:
+        x = _butterfly(x, M, D, 4)
+    if LOG2_HB >= 2:
+        x = _butterfly(x, M, D, 2)
+    if LOG2_HB >= 1:
+        x = _butterfly(x, M, D, 1)
     return x
 
 
 @triton.jit
-def _unpack_tokens(packed, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    # packed: [ROWS // PER_BYTE, D] uint8 (keys, packed along tokens) -> codes [ROWS, D] int32.
+def _codes_f16(c, MAGIC: tl.constexpr):
+    # small integer codes -> fp16. MAGIC: without an int->float conversion instruction (those issue
+    # at a quarter of the fp32 rate): 0x6400 | c is the fp16 number 1024 + c, and (1024 + c) - 1024 is
+    # exact. Otherwise a plain conversion.
+    if MAGIC:
+        return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return c.to(tl.float16)
+
+
+@triton.jit
+def _unpack_tokens_f16(packed, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                       MAGIC: tl.constexpr):
+    # packed: [ROWS // PER_BYTE, D] uint8 (keys, packed along tokens) -> codes as fp16, shaped
+    # [ROWS // G, G, D] (quantization group, token in group, channel); token 4j+i sits at bits 2i of row j.
     PER_BYTE: tl.constexpr = 8 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     shifts = tl.arange(0, PER_BYTE) * BITS
     c = (packed.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & MASK
-    return tl.reshape(c, (ROWS, D))
+    return tl.reshape(_codes_f16(c, MAGIC), (ROWS // G, G, D))
 
 
 @triton.jit
-def _unpack_channels(packed, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    # packed: [ROWS, D // PER_BYTE] uint8 (values, packed along channels) -> codes [ROWS, D] int32.
+def _unpack_channels_f16(packed, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                         MAGIC: tl.constexpr):
+    # packed: [ROWS, D // PER_BYTE] uint8 (values, packed along channels) -> codes as fp16, shaped
+    # [ROWS, D // G, G] (token, channel group, channel in group).
     PER_BYTE: tl.constexpr = 8 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     shifts = tl.arange(0, PER_BYTE) * BITS
     c = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & MASK
-    return tl.reshape(c, (ROWS, D))
+    return tl.reshape(_codes_f16(c, MAGIC), (ROWS, D // G, G))
 
 
 @triton.jit
