@@ -5,10 +5,12 @@ Installed as ``oscar_compile.passes``.
 Approach (one pass, on the Dynamo graph; see README "oscar.compile"):
 
 1. :mod:`.sites` finds attention nodes (SDPA in torch or aten form, or decomposed
-   matmul-scale-mask-softmax-matmul), traces their key/value back through layout ops (views,
-   transposes, repeat_kv / repeat_interleave GQA, casts, sequence prefixes) to graph inputs, finds the
-   in-place writes of those inputs (``index_copy_``, ``index_put_``/setitem, ``copy_`` into a slice),
-   classifies the mask and checks preconditions. It returns a :class:`~.sites.Site` or a reason.
+   matmul-scale-mask-softmax-matmul), classifies the mask and checks preconditions; :mod:`.cache_trace`
+   traces key/value back through layout ops (views, transposes, repeat_kv / repeat_interleave GQA, casts,
+   sequence prefixes) to graph inputs and finds the in-place writes of those inputs (``index_copy_``,
+   ``index_put_``/setitem, ``copy_`` into a slice); :mod:`.graph` is the shared op vocabulary of torch IR
+   and ATen. The matcher returns a :class:`~.sites.Site` or a reason. :mod:`.patterns` holds the forms
+   seen in the wild as plain torch functions (the matcher's specification and test corpus).
 2. :mod:`.rewrite` groups sites by cache and rewrites a group whole (or not at all): the writes become
    one ``oscar::append_kv`` after the last reader, each attention ``oscar::attention`` on OScaR state
    registered on the GraphModule; the full-precision placeholder is left without users.

@@ -29,7 +29,8 @@ from torch._dynamo.source import ConstantSource
 
 from ..kernels.cache_layout import CacheFormat, CacheTensors, allocate_cache, cache_nbytes
 from .report import OScaRReport, SiteRecord
-from .sites import Site, find_attention_nodes, match_attention, op_name, shape_of
+from .graph import op_name, shape_of
+from .sites import Site, find_attention_nodes, match_attention
 
 __all__ = ["CacheState", "StateRegistry", "rewrite_graph", "sync_lengths", "site_name"]
 
@@ -258,13 +259,15 @@ def _is_oscar(node) -> bool:
 
 def _mark_reads(node, values, registry, reason):
     """A skipped attention that reads a graph input keeps that input in full precision for good."""
-    from .sites import _SDPA_NAMES, _decomposed_args, _sdpa_args, _trace_cache
+    from .cache_trace import trace_cache
+    from .graph import SDPA_NAMES
+    from .sites import _decomposed_args, _sdpa_args
 
-    a = _sdpa_args(node) if op_name(node) in _SDPA_NAMES else _decomposed_args(node)
+    a = _sdpa_args(node) if op_name(node) in SDPA_NAMES else _decomposed_args(node)
     if isinstance(a, str):
         return
     for n in (a["key"], a["value"]):
-        src = _trace_cache(n).source
+        src = trace_cache(n).source
         if isinstance(src, fx.Node) and src in values:
             if registry.lookup(values[src]) is not None:
                 raise RuntimeError(
