@@ -141,7 +141,7 @@ def check_inductor_code(device, out_dir):
     k = torch.randn(2, 2, 1, 128, device=device, dtype=torch.bfloat16)
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
-    with _ReinplaceLog() as reinplace:
+    with _ReinplaceLog() as reinplace, torch._inductor.config.patch(force_disable_caches=True):
         _, codes = run_and_get_code(compiled, q, k, torch.randn_like(k), *cache)
     code = "\n".join(codes)
     if out_dir:
@@ -175,7 +175,7 @@ def check_decode_reinplaced(device, out_dir):
         model(torch.randint(1, 512, (1, 200), device=device), **{name: cache})
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True)
-        with _ReinplaceLog() as reinplace:
+        with _ReinplaceLog() as reinplace, torch._inductor.config.patch(force_disable_caches=True):
             _, codes = run_and_get_code(lambda: compiled(torch.randint(1, 512, (1, 1), device=device), **{name: cache}))
     if out_dir:
         with open(os.path.join(out_dir, "inductor_llama_decode_code.py"), "w") as f:
@@ -214,23 +214,35 @@ def _reference_cache(config, oscar_config):
     return Cache(layers=[FakeQuantLayer() for _ in range(config.num_hidden_layers)])
 
 
-@check("llama_generate_eager_vs_reference")
+@check("llama_logits_and_generate_vs_reference")
 def check_generate(device):
     import transformers
 
     from oscar_compile import OScaRConfig
-    from oscar_compile.hf_cache import OScaRCache, use_oscar_attention
+    from oscar_compile.hf_cache import OScaRCache, cache_kwarg_name, use_oscar_attention
 
     cfg = OScaRConfig()
-    model, config = _tiny_llama(device, torch.bfloat16)
-    prompt = torch.randint(1, 512, (1, 300), device=device)
-    greedy = dict(max_new_tokens=40, do_sample=False, pad_token_id=0)
+    model, config = _tiny_llama(device, torch.float32)
+    name = cache_kwarg_name(model)
+    gen = torch.Generator().manual_seed(1)
+    chunks = [torch.randint(1, 512, (1, n), generator=gen).to(device) for n in (300, 1, 1, 40, 1)]
+
+    def logits(cache):
+        with torch.no_grad():
+            return [model(ids, **{name: cache}).logits.float() for ids in chunks]
+
     model.set_attn_implementation("eager")
-    ref = model.generate(prompt, past_key_values=_reference_cache(config, cfg), **greedy)
+    ref = logits(_reference_cache(config, cfg))
+    ref_tokens = model.generate(chunks[0], past_key_values=_reference_cache(config, cfg), max_new_tokens=40, do_sample=False, pad_token_id=0)
     use_oscar_attention(model)
-    got = model.generate(prompt, past_key_values=OScaRCache(config, 400, cfg), **greedy)
-    agree = float((ref[0, 300:] == got[0, 300:]).float().mean())
-    return {"ok": agree >= 0.9, "token_agreement": agree, "transformers": transformers.__version__}
+    got = logits(OScaRCache(config, 400, cfg))
+    tokens = model.generate(chunks[0], past_key_values=OScaRCache(config, 400, cfg), max_new_tokens=40, do_sample=False, pad_token_id=0)
+    err = max((a - b).abs().max().item() for a, b in zip(ref, got))
+    scale = max(r.abs().max().item() for r in ref)
+    agree = float((ref_tokens[0, 300:] == tokens[0, 300:]).float().mean())
+    # Triton dots the quantized part in fp16 (fp32 accumulation): logits agree to ~1e-3 relative
+    return {"ok": err <= 1e-2 * max(scale, 1.0), "max_logit_err": err, "logit_scale": scale,
+            "greedy_token_agreement_info": agree, "transformers": transformers.__version__}
 
 
 @check("llama_reduce_overhead_decode")
@@ -282,24 +294,34 @@ def check_reduce_overhead(device):
 
 @check("llama_generate_autocompiled_and_padded_batch")
 def check_generate_compiled(device):
+    from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
     from oscar_compile import OScaRConfig
     from oscar_compile.hf_cache import OScaRCache, use_oscar_attention
 
     cfg = OScaRConfig()
-    model, config = _tiny_llama(device, torch.bfloat16)
+    model, config = _tiny_llama(device, torch.float32)
     use_oscar_attention(model)
-    greedy = dict(max_new_tokens=30, do_sample=False, pad_token_id=0)
+    greedy = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     prompts = [torch.randint(1, 512, (1, n), device=device) for n in (260, 190)]
-    solo = [model.generate(p, past_key_values=OScaRCache(config, 300, cfg), **greedy)[0, p.shape[1] :] for p in prompts]
+    solo = [model.generate(p, past_key_values=OScaRCache(config, 300, cfg), **greedy) for p in prompts]
     ids = torch.cat([torch.cat([torch.zeros(1, 260 - p.shape[1], dtype=torch.long, device=device), p], 1) for p in prompts])
-    mask = (ids != 0).long()
-    mask[0] = 1
+    mask = torch.cat([(torch.arange(260, device=device) >= 260 - p.shape[1]).long()[None] for p in prompts])
     model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
-    batch = model.generate(ids, attention_mask=mask, past_key_values=OScaRCache(config, 300, cfg), **greedy)[:, 260:]
-    agree = [float((batch[i] == s).float().mean()) for i, s in enumerate(solo)]
-    return {"ok": min(agree) >= 0.9, "agreement_with_solo": agree}
+    torch._dynamo.reset()
+    counters.clear()
+    out = model.generate(ids, attention_mask=mask, past_key_values=OScaRCache(config, 300, cfg), **greedy)
+    agree, errs = [], []
+    for i, s in enumerate(solo):
+        a, b = out.sequences[i, 260:], s.sequences[0, prompts[i].shape[1] :]
+        same = (a == b).long().cumprod(0)
+        agree.append(float((a == b).float().mean()))
+        n = int(same.sum()) + 1 if int(same.sum()) < len(a) else len(a)  # steps with identical inputs
+        errs.append(max((out.logits[t][i] - s.logits[t][0]).abs().max().item() for t in range(n)))
+    return {"ok": max(errs) < 1e-2 and not counters["graph_break"], "max_logit_err_vs_solo": errs,
+            "token_agreement_with_solo_info": agree, "graph_breaks": dict(counters["graph_break"]),
+            "unique_graphs": counters["stats"]["unique_graphs"]}
 
 
 def main():
