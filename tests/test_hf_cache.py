@@ -77,8 +77,9 @@ def run(model, cache, chunks, attention_mask=None):
         if mask is not None and out:
             mask = torch.cat([mask, mask.new_ones(ids.shape[0], ids.shape[1])], 1)
         kwargs = {} if mask is None else {"attention_mask": mask}
+        kwargs[cache_kwarg_name(getattr(model, "_orig_mod", model))] = cache  # cache= on 5.2x (generate: past_key_values=)
         with torch.no_grad():
-            out.append(model(ids, past_key_values=cache, **kwargs).logits)
+            out.append(model(ids, **kwargs).logits)
     return out
 
 
@@ -104,17 +105,18 @@ def test_logits_match_fake_quant_reference(arch):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "phi3", "gemma2", "gpt_neox"])
 def test_compiled_decode_fullgraph_no_graph_breaks(arch):
     model, config = tiny(arch)
-    oscar(model)
     steps = chunks()[:4]
-    eager = run(model, OScaRCache(config, 128, CFG), steps)
+    ref = run(reference(model), FakeQuantCache(config.num_hidden_layers), steps)
+    eager = run(oscar(model), OScaRCache(config, 128, CFG), steps)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     cache = OScaRCache(config, 128, CFG)
     got = run(model, cache, steps[:1])  # prefill eager, as transformers does
     got += [run(compiled, cache, [ids])[0] for ids in steps[1:]]
-    for e, g in zip(eager, got):
+    for r, e, g in zip(ref, eager, got):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+        torch.testing.assert_close(g, r, rtol=0, atol=ATOL)
     assert not counters["graph_break"]
     # a new cache (generate() makes one per call) reuses the compiled decode graph
     cache = OScaRCache(config, 128, CFG)
