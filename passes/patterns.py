@@ -67,6 +67,18 @@ def masked_fill_decoder(q, k_cache, v_cache, k, v, pos, causal):
     return torch.softmax(scores, dim=-1) @ v_cache.repeat_interleave(2, dim=1)
 
 
+def gemma2_eager(q, k_cache, v_cache, k, v, pos, causal):
+    # transformers Gemma2 eager_attention_forward: scaling, tanh logit softcap, additive mask (Gemma2 caps at
+    # 50.0; 2.0 here so the cap changes the result)
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    scores = torch.matmul(q, _repeat_kv(k_cache, 2).transpose(2, 3)) * 0.125
+    scores = torch.tanh(scores / 2.0) * 2.0
+    scores = scores + torch.where(causal[None, None, pos], 0.0, float("-inf"))
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, _repeat_kv(v_cache, 2))
+
+
 def prefill_is_causal(q, k_cache, v_cache, k, v, pos, causal):
     # transformers' prefill path: no mask, is_causal=True, native GQA, keys sliced to the prompt (5.24)
     k_cache.index_copy_(2, pos, k)
@@ -107,6 +119,7 @@ REWRITTEN = {
     "gpt_fast": gpt_fast,
     "hf_static_sdpa": hf_static_sdpa,
     "hf_eager": hf_eager,
+    "gemma2_eager": gemma2_eager,
     "masked_fill_decoder": masked_fill_decoder,
     "prefill_is_causal": prefill_is_causal,
 }

@@ -330,7 +330,7 @@ def _rewrite_group(gm: fx.GraphModule, sites: list[Site], state: CacheState) -> 
         with graph.inserting_before(s.out):
             att = graph.call_function(
                 oscar.attention.default,
-                (s.query, *attrs, kw.new, vw.new, None, *fmt_args, s.scale, None, None),
+                (s.query, *attrs, kw.new, vw.new, None, *fmt_args, s.scale, s.softcap, None),
             )
             if s.out_dtype is not None and s.out_dtype != getattr(s.query.meta.get("example_value", s.query.meta.get("val")), "dtype", s.out_dtype):
                 att = graph.call_method("to", (att, s.out_dtype))

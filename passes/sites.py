@@ -57,6 +57,7 @@ class Site:
     kv_heads: int
     head_dim: int
     scale: float
+    softcap: float | None  # tanh logit softcap (decomposed attention), None when absent
     mask_kind: str  # "causal" (is_causal), "causal-position" (tril buffer at the write positions)
     cache_attrs: tuple = (None, None)  # module attribute paths of key/value cache, when known
     removable: set = field(default_factory=set)  # nodes of the attention/read chains (erased on rewrite)
@@ -148,12 +149,27 @@ def _decomposed_args(out: fx.Node) -> dict | str:
     dim = arg(probs, 1, "dim")
     if dim not in (-1, 3):
         return f"softmax over dim {dim}, not the key dim"
-    scale, mask, mask_op = 1.0, None, None
+    scale, mask, mask_op, softcap = 1.0, None, None, None
     while True:
         name = op_name(x)
         removable.add(x)
         if name in LAYOUT_OPS:
             x = x.args[0]
+        elif (softcap is None and name == "mul" and any(isinstance(a, (int, float)) for a in x.args[:2])
+              and any(op_name(a) == "tanh" for a in x.args[:2])):  # fmt: skip
+            # logit softcapping (Gemma2 eager_attention_forward): tanh(s / c) * c
+            c = next(a for a in x.args[:2] if isinstance(a, (int, float)))
+            th = next(a for a in x.args[:2] if op_name(a) == "tanh")
+            inner = th.args[0]
+            if scale != 1.0:
+                return f"scaling after the logit softcap at {x.name}"
+            iname = op_name(inner)
+            consts = [a for a in getattr(inner, "args", ())[:2] if isinstance(a, (int, float))]
+            if not (consts and ((iname == "div" and consts[0] == c) or (iname == "mul" and math.isclose(consts[0] * c, 1.0)))):
+                return f"tanh softcap at {th.name} is not tanh(s / {c}) * {c}"
+            softcap = float(c)
+            removable |= {th, inner}
+            x = next(a for a in inner.args[:2] if isinstance(a, fx.Node))
         elif name in ("mul", "div") and any(isinstance(a, (int, float)) for a in x.args[:2]):
             c = next(a for a in x.args[:2] if isinstance(a, (int, float)))
             t = next(a for a in x.args[:2] if isinstance(a, fx.Node))
@@ -188,7 +204,9 @@ def _decomposed_args(out: fx.Node) -> dict | str:
     else:
         return f"second operand of {scores.name} is not k transposed (got {kname})"
     removable |= {scores, kt}
-    return dict(query=q, key=k, value=out.args[1], mask=mask, mask_op=mask_op, scale=scale, removable=removable)
+    return dict(
+        query=q, key=k, value=out.args[1], mask=mask, mask_op=mask_op, scale=scale, softcap=softcap, removable=removable
+    )
 
 
 def _reaches_matmul(node) -> bool:
@@ -196,7 +214,7 @@ def _reaches_matmul(node) -> bool:
         name = op_name(node)
         if name in MATMUL_NAMES:
             return True
-        if name in LAYOUT_OPS or name in ("mul", "div"):
+        if name in LAYOUT_OPS or name in ("mul", "div", "tanh"):
             node = next((a for a in node.args[:2] if isinstance(a, fx.Node)), None)
         else:
             return False
@@ -367,6 +385,7 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
         kv_heads=hkv,
         head_dim=d,
         scale=float(scale),
+        softcap=a.get("softcap"),
         mask_kind=mask_kind,
         removable=removable,
         out_dtype=getattr(meta_val(node), "dtype", None),

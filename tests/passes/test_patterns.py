@@ -34,13 +34,14 @@ def test_pattern_is_rewritten(name):
     k_cache, v_cache, causal = caches()
     fmt = CacheFormat(CONFIG.bits, CONFIG.group_size, CONFIG.residual_length, CONFIG.rotate_values)
     ref = allocate_cache(B, HKV, S, D, fmt, torch.float32)
-    scale = 0.125 if name == "hf_static_sdpa" else None
+    scale = 0.125 if name in ("hf_static_sdpa", "gemma2_eager") else None
+    softcap = 2.0 if name == "gemma2_eager" else None
     for i, (q, k, v, pos) in enumerate(steps()):
         if name == "prefill_is_causal" and i:
             break  # is_causal over the step's own tokens: a prefill-only form
         with torch.no_grad():
             out = compiled(q, k_cache, v_cache, k, v, pos, causal)
-        want = cache_attention_ref(q, ref, fmt, k, v, scale=scale)
+        want = cache_attention_ref(q, ref, fmt, k, v, scale=scale, softcap=softcap)
         append_kv_ref(ref, fmt, k, v)
         torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {i}: {m}")
     assert backend.report.rewritten == 1 and not backend.report.skipped, str(backend.report)
