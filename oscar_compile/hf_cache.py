@@ -193,10 +193,13 @@ class OScaRLayer(CacheLayerMixin):
 
 
 def _layer_types(config) -> tuple[list[str], list[dict]]:
-    try:  # transformers >= 5.2x
+    try:
         from transformers.cache_utils import get_layer_types_and_kwargs
 
-        return get_layer_types_and_kwargs(config)
+        types, kwargs = get_layer_types_and_kwargs(config)
+        if isinstance(kwargs, dict):  # 5.17: one kwargs dict for every layer; 5.2x: a list, one per layer
+            kwargs = [dict(kwargs) for _ in types]
+        return list(types), kwargs
     except ImportError:  # older 5.x: same rule from the config fields
         n = config.num_hidden_layers
         window = getattr(config, "sliding_window", None)
@@ -245,7 +248,7 @@ class OScaRCache(Cache):
         **kwargs,
     ):
         self.oscar_config = oscar_config or OScaRConfig()
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len  # (transformers 5.17's Cache has a read-only max_cache_len)
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layer_types, layer_kwargs = _layer_types(text_config)
         layers, self.kept_layers = [], {}
@@ -258,6 +261,11 @@ class OScaRCache(Cache):
                 layers.append(_static_layer_class(kind)(max_cache_len=max_cache_len, **kw))
                 self.kept_layers[i] = kind
         super().__init__(layers=layers)
+
+    @property
+    def max_cache_len(self) -> int:
+        """Positions per sequence asked for (OScaR layers hold it rounded up to whole residual blocks)."""
+        return self._max_cache_len
 
     @property
     def oscar_layers(self) -> list[OScaRLayer]:
