@@ -90,7 +90,12 @@ def _decompose_on_cuda(launcher_name: str, fn):
     """
 
     def handler(mode, op, types, args, kwargs):
-        from torch.export._trace import custom_triton_ops_decomposition_disabled
+        try:
+            from torch.export._trace import custom_triton_ops_decomposition_disabled
+        except ImportError:  # older torch: export never asks to keep triton ops whole
+
+            def custom_triton_ops_decomposition_disabled():
+                return False
 
         if any(
             not issubclass(t, torch._subclasses.FakeTensor)
