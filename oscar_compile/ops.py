@@ -40,6 +40,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Optional
 
@@ -283,9 +284,19 @@ def _attend_append_op(
     if query.device.type == "cuda":
         attend = triton_launcher("cache_attention") or attend
         append = triton_launcher("append_kv") or append
-    out = attend(query, cache, fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
-    append(cache, fmt, new_keys, new_values, skip)
+    with _direct_triton_launches():
+        out = attend(query, cache, fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
+        append(cache, fmt, new_keys, new_values, skip)
     return out.contiguous()
+
+
+def _direct_triton_launches():
+    """Launch ``wrap_triton`` kernels directly (as triton_op's own backend does), skipping the HOP dispatch."""
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:
+        return contextlib.nullcontext()
+    return set_wrap_triton_enabled(False)
 
 
 @_attend_append_op.register_fake
