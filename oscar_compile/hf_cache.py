@@ -252,8 +252,13 @@ class OScaRCache(Cache):
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layer_types, layer_kwargs = _layer_types(text_config)
         layers, self.kept_layers = [], {}
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        quantizable = head_dim % self.oscar_config.group_size == 0  # the layout needs whole channel groups
         for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
-            if kind == "full_attention":
+            if not quantizable and kind in ("full_attention", "sliding_attention"):
+                layers.append(_static_layer_class(kind)(max_cache_len=max_cache_len, **kw))
+                self.kept_layers[i] = f"{kind} (head_dim {head_dim} not a multiple of group_size {self.oscar_config.group_size})"
+            elif kind == "full_attention":
                 layers.append(OScaRLayer(max_cache_len, self.oscar_config))
             elif kind == "sliding_attention" and quantize_sliding:
                 layers.append(OScaRLayer(max_cache_len, self.oscar_config, window=kw["sliding_window"]))

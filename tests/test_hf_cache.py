@@ -353,3 +353,16 @@ def test_generate_compiled_by_transformers_one_graph_across_calls():
         got = model.generate(prompt, past_key_values=OScaRCache(config, 128, CFG), max_new_tokens=12, **GREEDY)
         assert torch.equal(got, eager)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_head_dim_not_multiple_of_group_kept_in_transformers_layers():
+    config_48 = tf.LlamaConfig(**{**COMMON, "head_dim": 48})
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config_48).eval()
+    cache = OScaRCache(config_48, 128, CFG)
+    assert not cache.oscar_layers and set(cache.kept_layers) == {0, 1}
+    assert "head_dim 48" in cache.kept_layers[0]
+    prompt = chunks()[0]
+    want = model.generate(prompt, past_key_values=tf.StaticCache(config_48, 128), max_new_tokens=10, **GREEDY)
+    got = oscar(model).generate(prompt, past_key_values=cache, max_new_tokens=10, **GREEDY)
+    assert torch.equal(got, want)
