@@ -432,8 +432,11 @@ def num_kv_splits(
 _SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 # Launch parameters of the split (stage 1) kernel; benchmarks/decode_attention.py --sweep explores them.
-# Keyed on nothing that changes per step (never on sequence length).
-TUNING = {"block_n": 128, "num_warps": 8, "num_stages": 3, "programs_per_sm": 2, "magic": True}
+# Keyed on nothing that changes per step (never on sequence length). Defaults: the best of the sweep on
+# the H200 (2026-11-28, batch 1, 128K, 32/8 heads, D=128; see benchmarks/README.md). "magic" selects
+# the bit-trick code -> fp16 conversion instead of the int -> fp16 conversion instruction (same speed
+# there: the loop is bound by unpacking and layout conversions, not by the conversion pipe).
+TUNING = {"block_n": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "magic": False}
 
 
 @torch.no_grad()
