@@ -68,11 +68,12 @@ class OScaRBackend:
         return compiled
 
     def _free(self) -> None:
-        for state in self.registry.states.values():
+        for state in list(self.registry.states.values()):
             for t in (state.key, state.value):
                 storage = t.untyped_storage()
-                if storage.nbytes() and storage.nbytes() == t.numel() * t.element_size():
-                    storage.resize_(0)  # the tensor keeps its metadata (guards pass); reading it raises
+                if not self.registry.freeable(t) or storage.nbytes() != t.numel() * t.element_size():
+                    continue  # a layer kept in full precision, or a view of a larger storage
+                storage.resize_(0)  # the tensor keeps its metadata (guards pass); reading it raises
 
 
 _DEFAULT: dict[str, OScaRBackend] = {}

@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import fx
 
-from .graph import LAYOUT_OPS, VIEWISH, WRITE_NAMES, arg, op_name, shape_of
+from .graph import LAYOUT_OPS, VIEWISH, WRITE_NAMES, arg, graph_input, op_name, shape_of
 
-__all__ = ["CacheWrite", "Trace", "between", "trace_cache", "root", "find_cache_writes"]
+__all__ = ["CacheWrite", "Trace", "between", "trace_cache", "root", "find_cache_writes", "layer_index"]
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Trace:
     gqa: int = 1  # head repetition removed by the trace
     error: str | None = None
     ends: list = field(default_factory=list)  # stops of sequence-prefix slices on the way
+    index: int | None = None  # layer i of a stacked [L, B, H, S, D] cache buffer (source[i]), else None
 
 
 def trace_cache(node: fx.Node) -> Trace:
@@ -60,6 +61,11 @@ def trace_cache(node: fx.Node) -> Trace:
             pass
         elif name in ("index_copy_", "index_put_", "index_copy", "index_put", "slice_scatter"):
             pass  # a write returns the (updated) cache itself
+        elif layer_index(cur) is not None and graph_input(src):
+            chain.append(cur)  # source[i] of a stacked per-layer buffer: the cache is that slice
+            if perm != [0, 1, 2, 3]:
+                return Trace(src, chain, gqa, f"cache read through transposes that do not cancel (dims {perm})")
+            return Trace(src, chain, gqa, ends=ends, index=layer_index(cur))
         elif name in ("view", "reshape", "_unsafe_view", "expand", "unsqueeze", "repeat_interleave", "getitem",
                       "slice", "transpose", "permute", "flatten", "narrow"):  # fmt: skip
             out_shape, in_shape = shape_of(cur), shape_of(src)
@@ -129,6 +135,23 @@ def trace_cache(node: fx.Node) -> Trace:
 
 
 
+def layer_index(node) -> int | None:
+    """``i`` when ``node`` is ``x[i]`` (or ``x.select(0, i)``) of a 5-d ``x`` (a stacked per-layer cache)."""
+    name = op_name(node)
+    if name not in ("getitem", "select") or not node.args:
+        return None
+    shape = shape_of(node.args[0])
+    if shape is None or len(shape) != 5:
+        return None
+    if name == "select":
+        dim, i = arg(node, 1, "dim"), arg(node, 2, "index")
+        return i if dim == 0 and isinstance(i, int) else None
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if isinstance(idx[0], int) and not isinstance(idx[0], bool) and all(i == slice(None) for i in idx[1:]):
+        return idx[0] % shape[0]
+    return None
+
+
 def root(node):
     """First node above ``node`` that is not a view/layout op (ignores whether the views are supported)."""
     while op_name(node) in VIEWISH and node.args and isinstance(node.args[0], fx.Node):
@@ -165,9 +188,6 @@ def _check_seq_slice(node, name, in_shape, perm, ends: list) -> str | None:
     if name == "getitem":
         idx = node.args[1]
         idx = idx if isinstance(idx, tuple) else (idx,)
-        if len(in_shape) == 5 and isinstance(idx[0], int) and all(i == slice(None) for i in idx[1:]):
-            return (f"per-layer slice [{idx[0]}] of a stacked cache buffer {tuple(in_shape)} at {node.name}: "
-                    "give each layer its own [B, H, S, D] buffer")  # fmt: skip
         if any(i is None or i is Ellipsis or not isinstance(i, slice) for i in idx):
             return f"cache indexed with {idx} at {node.name}"
         items = list(enumerate(idx))
@@ -192,8 +212,39 @@ def _check_seq_slice(node, name, in_shape, perm, ends: list) -> str | None:
 # cache writes
 
 
-def find_cache_writes(cache: fx.Node) -> tuple[list[CacheWrite], list[str]]:
-    """In-place writes of new tokens into graph input ``cache`` along dim 2, and reasons for other writes."""
+def find_cache_writes(cache: fx.Node, index: int | None = None) -> tuple[list[CacheWrite], list[str]]:
+    """In-place writes of new tokens into graph input ``cache`` along dim 2, and reasons for other writes.
+
+    ``index``: the cache is layer ``index`` of a stacked ``[L, B, H, S, D]`` buffer: writes go through views
+    ``cache[index]`` or index it directly (``cache[index, :, :, pos] = k``); other layers' writes are ignored.
+    """
+    if index is None:
+        return _writes_into(cache, cache, [])
+    writes, problems = [], []
+    for user in cache.users:
+        name = op_name(user)
+        if layer_index(user) is not None and user.args[0] is cache:
+            if layer_index(user) == index:
+                w, p = _writes_into(user, cache, [user])
+                writes += w
+                problems += p
+        elif name == "setitem" and user.args[0] is cache:
+            idx = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+            if not isinstance(idx[0], int) or isinstance(idx[0], bool):
+                problems.append(f"{user.name}: write of the stacked buffer with index {idx}")
+            elif idx[0] % shape_of(cache)[0] == index:
+                pos = _seq_index(idx[1:])
+                if isinstance(pos, str):
+                    problems.append(f"{user.name}: {pos}")
+                else:
+                    writes.append(CacheWrite(user, "setitem", cache, user.args[2], pos))
+        elif user.args and user.args[0] is cache and (name in WRITE_NAMES or str(name).endswith("_")):
+            problems.append(f"{user.name}: {name} writes the whole stacked cache buffer")
+    return writes, problems
+
+
+def _writes_into(cache: fx.Node, owner: fx.Node, extra: list) -> tuple[list[CacheWrite], list[str]]:
+    """Writes among the users of ``cache`` (the graph input ``owner`` itself, or a layer view of it)."""
     writes, problems = [], []
     for user in cache.users:
         name = op_name(user)
@@ -211,19 +262,19 @@ def find_cache_writes(cache: fx.Node) -> tuple[list[CacheWrite], list[str]]:
             if isinstance(pos, str):
                 problems.append(f"{user.name}: {pos}")
             else:
-                writes.append(CacheWrite(user, "setitem", cache, user.args[2], pos))
+                writes.append(CacheWrite(user, "setitem", owner, user.args[2], pos, extra=list(extra)))
         elif name in ("index_copy_", "index_copy"):
             dim = arg(user, 1, "dim")
             if dim not in (2, -2):
                 problems.append(f"{user.name}: index_copy along dim {dim}, not the sequence dim")
             else:
-                writes.append(CacheWrite(user, name, cache, arg(user, 3, "source"), arg(user, 2, "index")))
+                writes.append(CacheWrite(user, name, owner, arg(user, 3, "source"), arg(user, 2, "index"), list(extra)))
         elif name in ("index_put_", "index_put"):
             pos = _seq_index(tuple(arg(user, 1, "indices")))
             if isinstance(pos, str) or arg(user, 3, "accumulate", False):
                 problems.append(f"{user.name}: {pos if isinstance(pos, str) else 'accumulating index_put'}")
             else:
-                writes.append(CacheWrite(user, name, cache, arg(user, 2, "values"), pos))
+                writes.append(CacheWrite(user, name, owner, arg(user, 2, "values"), pos, list(extra)))
         elif name in ("getitem", "narrow", "slice"):
             copies = [u for u in user.users if op_name(u) == "copy_" and u.args[0] is user]
             if not copies:
@@ -238,9 +289,9 @@ def find_cache_writes(cache: fx.Node) -> tuple[list[CacheWrite], list[str]]:
             if isinstance(pos, str):
                 problems.append(f"{copies[0].name}: {pos}")
             else:
-                writes.append(CacheWrite(copies[0], "copy_", cache, copies[0].args[1], pos, extra=[user]))
+                writes.append(CacheWrite(copies[0], "copy_", owner, copies[0].args[1], pos, extra=[user, *extra]))
         elif name == "slice_scatter" and arg(user, 2, "dim", 0) in (2, -2):
-            writes.append(CacheWrite(user, name, cache, user.args[1], arg(user, 3, "start", 0)))
+            writes.append(CacheWrite(user, name, owner, user.args[1], arg(user, 3, "start", 0), list(extra)))
         elif name in VIEWISH and any(
             u.args and u.args[0] is user and (op_name(u) == "setitem" or str(op_name(u)).endswith("_"))
             for u in user.users

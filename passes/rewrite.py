@@ -29,6 +29,7 @@ from torch._dynamo.source import ConstantSource
 
 from ..kernels.cache_layout import CacheFormat, CacheTensors, allocate_cache, cache_nbytes
 from .report import OScaRReport, SiteRecord
+from .cache_trace import layer_index
 from .graph import op_name, shape_of
 from .sites import Site, find_attention_nodes, match_attention
 
@@ -43,15 +44,17 @@ def _ops():
 
 @dataclass
 class CacheState:
-    """OScaR state replacing one full-precision key/value cache pair."""
+    """OScaR state replacing one full-precision key/value cache pair (or one layer of stacked buffers)."""
 
     index: int
     name: str
     tensors: CacheTensors
     fmt: CacheFormat
-    key: torch.Tensor  # the replaced full-precision tensors (storage freed after compile)
+    key: torch.Tensor  # the replaced full-precision tensors (storage freed once fully replaced)
     value: torch.Tensor
     bf16_bytes: int
+    key_index: int | None = None  # layer of a stacked [L, B, H, S, D] buffer, else None
+    value_index: int | None = None
 
     @property
     def oscar_bytes(self) -> int:
@@ -59,43 +62,68 @@ class CacheState:
 
 
 class StateRegistry:
-    """Full-precision cache tensor (by identity) -> its OScaR state; caches left untouched are remembered."""
+    """(cache tensor, layer index) -> its OScaR state; caches (or layers) kept in full precision are pinned.
+
+    The layer index is None for a plain ``[B, H, S, D]`` cache and ``i`` for ``buffer[i]`` of a stacked one.
+    A tensor's storage may be freed only when every layer of it is replaced and none is pinned.
+    """
 
     def __init__(self, config):
         self.config = config
-        self.states: dict[int, CacheState] = {}
-        self.untouched: dict[int, tuple[torch.Tensor, str]] = {}
+        self.states: dict[tuple, CacheState] = {}
+        self.pinned: dict[tuple, tuple[torch.Tensor, str]] = {}
+        self._tensors: dict[int, torch.Tensor] = {}
 
-    def lookup(self, tensor) -> CacheState | None:
-        state = self.states.get(id(tensor))
-        return state if state is not None and (state.key is tensor or state.value is tensor) else None
+    def lookup(self, tensor, index=None) -> CacheState | None:
+        state = self.states.get((id(tensor), index))
+        if state is None:
+            return None
+        if (state.key is tensor and state.key_index == index) or (state.value is tensor and state.value_index == index):
+            return state
+        return None
 
-    def untouched_reason(self, tensor) -> str | None:
-        entry = self.untouched.get(id(tensor))
+    def states_of(self, tensor) -> list[CacheState]:
+        return [st for (i, _), st in self.states.items() if i == id(tensor) and (st.key is tensor or st.value is tensor)]
+
+    def untouched_reason(self, tensor, index=None) -> str | None:
+        entry = self.pinned.get((id(tensor), index))
         return entry[1] if entry is not None and entry[0] is tensor else None
 
-    def mark_untouched(self, tensor, reason: str) -> None:
-        if isinstance(tensor, torch.Tensor) and self.lookup(tensor) is None:
-            self.untouched.setdefault(id(tensor), (tensor, reason))
+    def mark_untouched(self, tensor, reason: str, index=None) -> None:
+        """Keep ``tensor`` (layer ``index``) in full precision for good; a no-op once it has OScaR state."""
+        if isinstance(tensor, torch.Tensor) and self.lookup(tensor, index) is None:
+            self.pinned.setdefault((id(tensor), index), (tensor, reason))
 
-    def get_or_create(self, key: torch.Tensor, value: torch.Tensor, name: str) -> CacheState:
-        state = self.lookup(key)
+    def freeable(self, tensor) -> bool:
+        if any(key[0] == id(tensor) and entry[0] is tensor for key, entry in self.pinned.items()):
+            return False
+        if self.lookup(tensor) is not None:
+            return True
+        return tensor.dim() == 5 and all(self.lookup(tensor, i) is not None for i in range(tensor.shape[0]))
+
+    def is_freed(self, tensor) -> bool:
+        return bool(self.states_of(tensor)) and tensor.untyped_storage().nbytes() == 0
+
+    def get_or_create(self, key, value, name: str, key_index=None, value_index=None) -> CacheState:
+        state = self.lookup(key, key_index)
         if state is not None:
-            if state.value is not value:
+            if state.value is not value or state.value_index != value_index:
                 raise RuntimeError(f"oscar_compile: cache {name} is paired with a different value cache than before")
             return state
         cfg = self.config
-        b, hkv, length, d = key.shape
+        k = key if key_index is None else key[key_index]
+        v = value if value_index is None else value[value_index]
+        b, hkv, length, d = k.shape
         r = cfg.residual_length
         fmt = CacheFormat(cfg.bits, cfg.group_size, r, cfg.rotate_values)
         max_len = math.ceil(length / r) * r
         tensors = allocate_cache(
-            b, hkv, max_len, d, fmt, key.dtype, key.device, rotate_keys=cfg.rotate_keys, token_scaling=cfg.token_scaling
+            b, hkv, max_len, d, fmt, k.dtype, k.device, rotate_keys=cfg.rotate_keys, token_scaling=cfg.token_scaling
         )
-        bf16 = key.numel() * key.element_size() + value.numel() * value.element_size()
-        state = CacheState(len(self.states) // 2, name, tensors, fmt, key, value, bf16)
-        self.states[id(key)] = state
-        self.states[id(value)] = state
+        bf16 = k.numel() * k.element_size() + v.numel() * v.element_size()
+        state = CacheState(len(self.states) // 2, name, tensors, fmt, key, value, bf16, key_index, value_index)
+        self.states[(id(key), key_index)] = state
+        self.states[(id(value), value_index)] = state
         return state
 
 
@@ -173,28 +201,37 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
             _mark_reads(node, values, registry, site)
             continue
         site.name = name
-        site.cache_attrs = (_input_name(site.key_cache, values), _input_name(site.value_cache, values))
-        key = (site.key_cache, site.value_cache)
+        site.cache_attrs = tuple(
+            _input_name(c, values) + ("" if i is None else f"[{i}]")
+            for c, i in ((site.key_cache, site.key_index), (site.value_cache, site.value_index))
+        )
+        key = (site.key_cache, site.key_index, site.value_cache, site.value_index)
         groups.setdefault(key, []).append(site)
 
     _record_cache_subclass_sites(graph, values, report)
 
     rewritten = 0
     grad = torch.is_grad_enabled() and any(getattr(v, "requires_grad", False) for v in example_inputs)
-    for (kc, vc), sites in groups.items():
+    for (kc, ki, vc, vi), sites in groups.items():
         if grad:  # the oscar ops have no backward; leave the graph as it is (not pinned: may differ next time)
             for s in sites:
                 report.add_skipped(s.name, "autograd is enabled: OScaR ops are inference-only (use torch.no_grad())")
             continue
         why = _check_group(sites, registry, values)
+        if why and registry.lookup(values.get(kc), ki) is not None:
+            # its OScaR state holds the tokens now: the full-precision cache is stale (or freed)
+            raise RuntimeError(
+                f"oscar_compile: cache {'/'.join(sites[0].cache_attrs)} was replaced by OScaR state in an earlier "
+                f"graph, but this graph cannot rewrite it: {why}"
+            )
         if why:
             for s in sites:
                 report.add_skipped(s.name, why)
             counters["oscar"]["sites_skipped"] += len(sites)
-            registry.mark_untouched(values.get(kc), why)
-            registry.mark_untouched(values.get(vc), why)
+            registry.mark_untouched(values.get(kc), why, ki)
+            registry.mark_untouched(values.get(vc), why, vi)
             continue
-        state = registry.get_or_create(values[kc], values[vc], "/".join(sites[0].cache_attrs))
+        state = registry.get_or_create(values[kc], values[vc], "/".join(sites[0].cache_attrs), ki, vi)
         _rewrite_group(gm, sites, state)
         report.add_cache(state.name, state.bf16_bytes, state.oscar_bytes)
         for s in sites:
@@ -204,15 +241,24 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
         rewritten += len(sites)
         counters["oscar"]["sites_rewritten"] += len(sites)
 
-    # a replaced cache must not be read by anything left in the graph: its storage is gone
+    # what is left of a replaced cache must not touch a replaced layer (its full-precision copy is stale or
+    # freed); other layers of a stacked buffer left in place are pinned, so the buffer is never freed
     for ph in placeholders:
-        state = registry.lookup(values.get(ph))
-        if state is not None and ph.users:
-            users = ", ".join(sorted(u.name for u in ph.users))
+        tensor = values.get(ph)
+        if not isinstance(tensor, torch.Tensor) or not ph.users or not registry.states_of(tensor):
+            continue
+        for user in ph.users:
+            j = layer_index(user) if user.args and user.args[0] is ph else None
+            if j is None and op_name(user) == "setitem":
+                idx = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+                j = idx[0] % tensor.shape[0] if isinstance(idx[0], int) and not isinstance(idx[0], bool) else None
+            if j is not None and registry.lookup(tensor, j) is None and not registry.is_freed(tensor):
+                registry.mark_untouched(tensor, f"layer {j} is used by {user.name} outside a rewritten site", j)
+                continue
             reasons = "; ".join(r for n, r in report.skipped) or "no matching attention"
             raise RuntimeError(
-                f"oscar_compile: cache {state.name} was replaced by OScaR state in an earlier graph, but this graph "
-                f"uses it in a way the pass cannot rewrite ({users}): {reasons}"
+                f"oscar_compile: cache {registry.states_of(tensor)[0].name} is held as OScaR state, but this graph "
+                f"also uses it in a way the pass cannot rewrite ({user.name}: {op_name(user)}): {reasons}"
             )
     graph.lint()
     gm.recompile()
@@ -267,14 +313,15 @@ def _mark_reads(node, values, registry, reason):
     if isinstance(a, str):
         return
     for n in (a["key"], a["value"]):
-        src = trace_cache(n).source
-        if isinstance(src, fx.Node) and src in values:
-            if registry.lookup(values[src]) is not None:
+        t = trace_cache(n)
+        if isinstance(t.source, fx.Node) and t.source in values:
+            state = registry.lookup(values[t.source], t.index)
+            if state is not None:
                 raise RuntimeError(
-                    f"oscar_compile: attention {node.name} reads cache {registry.lookup(values[src]).name}, which an "
+                    f"oscar_compile: attention {node.name} reads cache {state.name}, which an "
                     f"earlier graph replaced by OScaR state, but cannot be rewritten here: {reason}"
                 )
-            registry.mark_untouched(values[src], reason)
+            registry.mark_untouched(values[t.source], reason, t.index)
 
 
 def _check_group(sites: list[Site], registry: StateRegistry, values) -> str | None:
@@ -283,8 +330,8 @@ def _check_group(sites: list[Site], registry: StateRegistry, values) -> str | No
     for s in sites[1:]:
         if s.key_write.node is not first.key_write.node or s.value_write.node is not first.value_write.node:
             return "sites sharing a cache see different writes"
-    for cache in (first.key_cache, first.value_cache):
-        pinned = registry.untouched_reason(values.get(cache))
+    for cache, index in ((first.key_cache, first.key_index), (first.value_cache, first.value_index)):
+        pinned = registry.untouched_reason(values.get(cache), index)
         if pinned:
             return f"cache {cache.name} is kept in full precision by an earlier graph ({pinned})"
     owned = set().union(*(s.removable for s in sites)) | {s.out for s in sites}
@@ -296,11 +343,23 @@ def _check_group(sites: list[Site], registry: StateRegistry, values) -> str | No
         for u in n.users:
             if u not in owned:
                 return f"{n.name} (part of the attention or its cache read) is also used by {u.name}"
-    for cache in (first.key_cache, first.value_cache):
+    for cache, index in ((first.key_cache, first.key_index), (first.value_cache, first.value_index)):
         for u in cache.users:
-            if u not in owned:
-                return f"cache {cache.name} is also used by {u.name} ({op_name(u)}) outside the attention"
+            if u in owned or (index is not None and _other_layer(u, cache, index)):
+                continue
+            return f"cache {cache.name} is also used by {u.name} ({op_name(u)}) outside the attention"
     return None
+
+
+def _other_layer(node, cache, index) -> bool:
+    """``node`` touches only another layer of the stacked ``cache``: ``cache[j]`` or ``cache[j, ...] = x``."""
+    j = layer_index(node)
+    if j is not None:
+        return node.args[0] is cache and j != index
+    if op_name(node) == "setitem" and node.args[0] is cache:
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return isinstance(idx[0], int) and not isinstance(idx[0], bool) and idx[0] % shape_of(cache)[0] != index
+    return False
 
 
 def _rewrite_group(gm: fx.GraphModule, sites: list[Site], state: CacheState) -> None:

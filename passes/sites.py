@@ -60,6 +60,8 @@ class Site:
     softcap: float | None  # tanh logit softcap (decomposed attention), None when absent
     mask_kind: str  # "causal" (is_causal), "causal-position" (tril buffer at the write positions)
     cache_attrs: tuple = (None, None)  # module attribute paths of key/value cache, when known
+    key_index: int | None = None  # layer of a stacked [L, B, H, S, D] key buffer (key_cache[i]), else None
+    value_index: int | None = None
     removable: set = field(default_factory=set)  # nodes of the attention/read chains (erased on rewrite)
     out_dtype: torch.dtype | None = None
 
@@ -318,13 +320,17 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
             )
         if not graph_input(t.source):
             return f"{which} is computed in this graph ({op_name(t.source)} at {t.source.name}), not read from a cache input"
-    if kt.source is vt.source:
+    if kt.source is vt.source and kt.index == vt.index:
         return "key and value read the same tensor"
-    qs, ks = shape_of(q), shape_of(kt.source)
+    qs, ks, vs = shape_of(q), shape_of(kt.source), shape_of(vt.source)
+    if kt.index is not None and ks is not None:
+        ks = ks[1:]  # one layer of a stacked [L, B, H, S, D] buffer
+    if vt.index is not None and vs is not None:
+        vs = vs[1:]
     if qs is None or ks is None or len(qs) != 4 or len(ks) != 4:
         return f"query {qs} / cache {ks} are not 4-d [B, H, T, D]"
-    if shape_of(vt.source) != ks:
-        return f"key cache {ks} and value cache {shape_of(vt.source)} differ in shape"
+    if vs != ks:
+        return f"key cache {ks} and value cache {vs} differ in shape"
     b, hq, t, d = qs
     _, hkv, max_len, dk = ks
     if dk != d:
@@ -336,8 +342,8 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
     dtypes = {getattr(meta_val(x), "dtype", None) for x in (q, kt.source, vt.source)}
     if not dtypes <= {torch.float16, torch.bfloat16, torch.float32}:
         return f"dtypes {sorted(map(str, dtypes))} not float16/bfloat16/float32"
-    kw, kprob = find_cache_writes(kt.source)
-    vw, vprob = find_cache_writes(vt.source)
+    kw, kprob = find_cache_writes(kt.source, kt.index)
+    vw, vprob = find_cache_writes(vt.source, vt.index)
     if kprob or vprob:
         return f"unsupported cache write: {(kprob + vprob)[0]}"
     if not kw and not vw:
@@ -379,6 +385,8 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
         query=q,
         key_cache=kt.source,
         value_cache=vt.source,
+        key_index=kt.index,
+        value_index=vt.index,
         key_write=kw,
         value_write=vw,
         heads=hq,

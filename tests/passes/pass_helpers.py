@@ -31,25 +31,27 @@ CONFIG = OScaRConfig(residual_length=32)
 
 
 def attr(module, path):
-    """``module.a.b.c`` for ``"a.b.c"`` (cache buffers or plain tensor attributes)."""
-    return functools.reduce(getattr, path.split("."), module)
+    """``module.a.b.c`` for ``"a.b.c"`` (buffers or plain tensor attributes); ``"k[1]"``: layer 1 of ``k``."""
+    path, _, index = path.partition("[")
+    tensor = functools.reduce(getattr, path.split("."), module)
+    return tensor[int(index.rstrip("]"))] if index else tensor
 
 
 @torch.no_grad()
-def oscar_reference(model, steps, cache_names, config):
+def oscar_reference(model, steps, cache_pairs, config):
     """Run ``model`` eagerly with each named cache holding what an OScaR cache would hold.
 
     Before each step the first ``L`` slots of every cache (``L`` = tokens stored so far) are replaced by
     ``fake_quantize`` of the full-precision history; the step then writes its own tokens at full precision
     and attends to both: attend-then-append (DESIGN §2).
     """
+    cache_names = [n for pair in cache_pairs for n in pair]
     history = {n: torch.zeros_like(attr(model, n)) for n in cache_names}
     stored, outs = 0, []
     for x, pos in steps:
         if int(pos[0]) == 0:
             stored = 0
-        pairs = sorted(cache_names)
-        for k_name, v_name in zip(pairs[0::2], pairs[1::2]):  # ".k_cache" sorts before ".v_cache"
+        for k_name, v_name in cache_pairs:
             kh, vh = fake_quantize(history[k_name][:, :, :stored], history[v_name][:, :, :stored], config)
             attr(model, k_name)[:, :, :stored] = kh
             attr(model, v_name)[:, :, :stored] = vh
@@ -60,11 +62,14 @@ def oscar_reference(model, steps, cache_names, config):
     return outs
 
 
-def check_rewrite(make_model, steps, *, rewritten, skipped=0, config=CONFIG, reasons=(), dtype=torch.float32):
+def check_rewrite(
+    make_model, steps, *, rewritten, skipped=0, config=CONFIG, reasons=(), dtype=torch.float32, freed=True
+):
     """Compile ``make_model()`` with oscar.compile and check it against the references; returns the report.
 
     steps: ``[(x, pos), ...]`` run in order. ``reasons``: substrings expected among the skip reasons.
-    dtype: the model's (and inputs') dtype.
+    dtype: the model's (and inputs') dtype. freed: rewritten caches' full-precision storage is released
+    (False when part of a stacked buffer stays in full precision).
     """
     torch.manual_seed(0)
     model = make_model().eval().to(dtype)
@@ -102,13 +107,13 @@ def check_rewrite(make_model, steps, *, rewritten, skipped=0, config=CONFIG, rea
     else:
         assert "oscar" not in text and report.kv_bytes_bf16 == 0
 
-    caches = [n for pair in report.caches for n in pair.split("/")]
-    for name in caches:  # the full-precision storage of rewritten caches is gone
-        assert attr(compiled, name).untyped_storage().nbytes() == 0, name
+    pairs = [name.split("/") for name in report.caches]
+    for name in [n for pair in pairs for n in pair]:  # the full-precision storage of rewritten caches is gone
+        assert (attr(compiled, name.partition("[")[0]).untyped_storage().nbytes() == 0) == freed, name
 
     if rewritten:
         full = copy.deepcopy(eager)
-        ref = oscar_reference(eager, steps, caches, config)
+        ref = oscar_reference(eager, steps, pairs, config)
         for i, (o, r) in enumerate(zip(outs, ref)):
             torch.testing.assert_close(o, r, atol=atol, rtol=rtol, msg=lambda m: f"step {i}: {m}")
         with torch.no_grad():  # the quantized cache matters: full precision is much farther than the oracle

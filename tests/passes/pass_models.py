@@ -151,9 +151,9 @@ class CrossAttentionDecoder(nn.Module):
 class StackedCacheDecoder(nn.Module):
     """All layers' caches in one [L, B, H, S, D] buffer pair, each layer writing its slice ``k[i]``."""
 
-    def __init__(self, n_layers=2, dim=128, heads=4, max_len=128, batch=1):
+    def __init__(self, n_layers=2, dim=128, heads=4, max_len=128, batch=1, bias_layer=None):
         super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim, self.bias_layer = heads, dim // heads, bias_layer
         self.qkv = nn.ModuleList([nn.Linear(dim, 3 * dim, bias=False) for _ in range(n_layers)])
         self.register_buffer("k", torch.zeros(n_layers, batch, heads, max_len, self.head_dim))
         self.register_buffer("v", torch.zeros(n_layers, batch, heads, max_len, self.head_dim))
@@ -166,6 +166,10 @@ class StackedCacheDecoder(nn.Module):
             q, k, v = proj(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
             self.k[i][:, :, pos] = k
             self.v[i][:, :, pos] = v
-            y = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask)
+            m = mask
+            if i == self.bias_layer:  # an additive distance bias (ALiBi-like) on this layer only
+                dist = (torch.arange(self.k.shape[3])[None, :] - pos[:, None]).float()
+                m = torch.where(mask, 0.0, float("-inf")) + 0.1 * dist
+            y = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=m)
             x = x + y.transpose(1, 2).reshape(b, t, -1)
         return x

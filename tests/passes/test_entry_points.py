@@ -59,8 +59,8 @@ def test_backend_string_and_dynamic_prefill_lengths():
         steps = decode_steps(prompt=prompt, decode=2, seed=prompt)
         with torch.no_grad():
             outs = [compiled(x, pos) for x, pos in steps]
-        names = [n for pair in backend.report.caches for n in pair.split("/")]
-        for o, r in zip(outs, oscar_reference(ref, steps, names, CONFIG)):
+        pairs = [name.split("/") for name in backend.report.caches]
+        for o, r in zip(outs, oscar_reference(ref, steps, pairs, CONFIG)):
             torch.testing.assert_close(o, r, atol=2e-4, rtol=2e-4)
     assert backend.report.rewritten == 2
 

@@ -1,7 +1,7 @@
 """Sites the pass must report and leave exactly as they were."""
 
 from pass_helpers import check_rewrite, decode_steps
-from pass_models import CatCacheDecoder, CrossAttentionDecoder, Decoder, StackedCacheDecoder
+from pass_models import CatCacheDecoder, CrossAttentionDecoder, Decoder
 
 
 def test_alibi_bias_is_reported_not_rewritten():
@@ -26,12 +26,3 @@ def test_head_dim_not_multiple_of_group_is_reported():
         lambda: Decoder(dim=64, heads=4, kv_heads=2), decode_steps(dim=64, decode=0), rewritten=0, skipped=2,
         reasons=["head_dim 16 not a multiple of group_size 32"],
     )
-
-
-def test_stacked_per_layer_cache_buffer_is_reported():
-    # two attention sites in one module, numbered; one [L, B, H, S, D] buffer pair for all layers
-    report = check_rewrite(
-        StackedCacheDecoder, decode_steps(decode=0), rewritten=0, skipped=2, reasons=["stacked cache buffer"]
-    )
-    assert [name for name, _ in report.skipped] == ["<top>:scaled_dot_product_attention",
-                                                    "<top>:scaled_dot_product_attention#1"]  # fmt: skip

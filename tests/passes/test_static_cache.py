@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pass_helpers import check_rewrite, decode_steps
-from pass_models import Decoder
+from pass_models import Decoder, StackedCacheDecoder
 
 
 @pytest.mark.parametrize(
@@ -46,3 +46,19 @@ def test_caches_as_plain_attributes():
 
     report = check_rewrite(make, decode_steps(decode=2), rewritten=2)
     assert set(report.caches) == {f"layers.{i}.kv_cache.k_cache/layers.{i}.kv_cache.v_cache" for i in range(2)}
+
+
+def test_stacked_per_layer_buffers():
+    # one [L, B, H, S, D] buffer pair for all layers, layer i writing k[i]; two attentions in one module
+    report = check_rewrite(StackedCacheDecoder, decode_steps(decode=2), rewritten=2)
+    assert set(report.caches) == {"k[0]/v[0]", "k[1]/v[1]"}
+    assert list(report.sites) == ["<top>:scaled_dot_product_attention", "<top>:scaled_dot_product_attention#1"]
+
+
+def test_stacked_buffers_with_one_layer_left_in_full_precision():
+    # layer 1 adds a distance bias: it stays on its bf16 slice (exact), layer 0 is rewritten; buffer kept
+    report = check_rewrite(
+        lambda: StackedCacheDecoder(bias_layer=1), decode_steps(decode=1), rewritten=1, skipped=1, freed=False,
+        reasons=["additive attention bias"],
+    )
+    assert set(report.caches) == {"k[0]/v[0]"}
