@@ -6,7 +6,9 @@ from dataclasses import dataclass, replace
 
 from .kernels.packing import SUPPORTED_BITS
 
-__all__ = ["OScaRConfig"]
+__all__ = ["AUTO", "OScaRConfig"]
+
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -18,9 +20,12 @@ class OScaRConfig:
         group_size: tokens per key group (per channel) and channels per value group (per token).
         residual_length: newest tokens kept in full precision; a full block of this many is
             quantized at once. A positive multiple of ``group_size``.
-        rotate_keys: Hadamard-rotate keys (and queries) before quantizing.
+        rotate_keys: Hadamard-rotate keys (and queries) before quantizing; a bool, or ``"auto"``: decided
+            per layer and per kv head from the first quantized block of keys
+            (``kernels.key_transform.choose_key_flags``), then fixed.
         rotate_values: Hadamard-rotate values before quantizing (output rotated back).
-        token_scaling: divide each key token by its norm over all kv heads and channels.
+        token_scaling: divide each key token by its norm over all kv heads and channels; a bool or
+            ``"auto"`` (decided like ``rotate_keys``, jointly with it).
 
     All three switches on is the paper's OScaR (:meth:`paper`); all off is KIVI (:meth:`kivi`).
     """
@@ -43,9 +48,17 @@ class OScaRConfig:
                 f"OScaRConfig.residual_length must be a positive multiple of group_size "
                 f"({self.group_size}), got {r!r}"
             )
-        for name in ("rotate_keys", "rotate_values", "token_scaling"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"OScaRConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("rotate_keys", "token_scaling"):
+            v = getattr(self, name)
+            if not isinstance(v, bool) and v != AUTO:
+                raise ValueError(f"OScaRConfig.{name} must be a bool or {AUTO!r}, got {v!r}")
+        if not isinstance(self.rotate_values, bool):
+            raise ValueError(f"OScaRConfig.rotate_values must be a bool, got {self.rotate_values!r}")
+
+    @property
+    def adaptive_keys(self) -> bool:
+        """True when the key transform is decided at run time (``rotate_keys`` or ``token_scaling`` is auto)."""
+        return self.rotate_keys == AUTO or self.token_scaling == AUTO
 
     @classmethod
     def paper(cls, **overrides) -> "OScaRConfig":

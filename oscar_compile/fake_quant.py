@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from .config import OScaRConfig
+from .kernels.key_transform import choose_key_flags
 from .kernels.quantization import dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
-__all__ = ["fake_quantize"]
+__all__ = ["fake_quantize", "resolve_key_flags"]
 
 _FP16_MAX = 65504.0
 
@@ -27,13 +28,31 @@ def _check(keys: torch.Tensor, values: torch.Tensor) -> None:
         raise ValueError(f"keys on {keys.device} but values on {values.device}")
 
 
-def fake_quantize(keys: torch.Tensor, values: torch.Tensor, config: OScaRConfig | None = None):
+def resolve_key_flags(keys: torch.Tensor, config: OScaRConfig, queries: torch.Tensor | None = None):
+    """Per-head key flags ``(rotate, scale)`` for a layer whose first quantization holds ``keys``.
+
+    keys: ``[B, Hkv, T, D]`` the complete blocks quantized first (normally the prompt's); queries:
+    optional ``[B, Hq, Tq, D]`` of that step (the prompt's). Bools pass through unchanged; ``"auto"`` is
+    decided by ``kernels.key_transform.choose_key_flags``. Returns bools or bool tensors ``[Hkv]``.
+    """
+    if not config.adaptive_keys:
+        return config.rotate_keys, config.token_scaling
+    return choose_key_flags(
+        keys, config.bits, config.group_size, queries=queries, rotate=config.rotate_keys, scale=config.token_scaling
+    )
+
+
+def fake_quantize(
+    keys: torch.Tensor, values: torch.Tensor, config: OScaRConfig | None = None, queries: torch.Tensor | None = None
+):
     """Return ``(keys_hat, values_hat)``: what attention reads from an OScaR cache holding these tokens.
 
     keys, values: ``[B, Hkv, T, D]`` float32/float16/bfloat16, D a multiple of ``config.group_size``.
     The first ``floor(T / R) * R`` tokens (``R = config.residual_length``) are quantized in complete
     blocks and dequantized back to the original space; the tail is returned unchanged. Outputs have
-    the inputs' shapes and dtypes.
+    the inputs' shapes and dtypes. With ``rotate_keys``/``token_scaling == "auto"`` the per-head key
+    transform is chosen from the quantized keys (all complete blocks, as when a prompt is prefilled in one
+    step) and ``queries`` ``[B, Hq, Tq, D]`` when given (:func:`resolve_key_flags`).
 
     Raises ValueError for non-finite inputs in the quantized prefix and for values beyond the fp16 range
     of the group parameters (the cache could not represent them).
@@ -50,7 +69,8 @@ def fake_quantize(keys: torch.Tensor, values: torch.Tensor, config: OScaRConfig 
             raise ValueError(f"{name} contain non-finite values in the tokens to quantize")
         if x.abs().max() > _FP16_MAX:
             raise ValueError(f"{name} exceed the fp16 range ({_FP16_MAX}) of the quantization parameters")
-    qk = quantize_keys(head_k, config.bits, config.group_size, config.rotate_keys, config.token_scaling)
+    rotate, scale = resolve_key_flags(head_k, config, queries)
+    qk = quantize_keys(head_k, config.bits, config.group_size, rotate, scale)
     qv = quantize_values(head_v, config.bits, config.group_size, config.rotate_values)
     keys_hat = torch.cat([dequantize_keys(qk, keys.dtype), keys[:, :, n_quant:]], dim=2)
     values_hat = torch.cat([dequantize_values(qv, values.dtype), values[:, :, n_quant:]], dim=2)

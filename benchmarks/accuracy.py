@@ -1,0 +1,228 @@
+"""Accuracy of KV-cache methods on real trained models (issue 6): continuation perplexity through the
+decode path, passkey retrieval, per-layer attention-output error; a Markdown table and a plot.
+
+    python benchmarks/accuracy.py --model smollm2-135m --contexts 1024 4096 --passkey 2048 4096 7936
+
+Results go to ``--out`` (default ``results/``): one JSON per (model, context) and per passkey run, then
+``accuracy.md`` and ``accuracy.png`` rebuilt from every JSON there (so runs can be split and resumed).
+CPU-friendly: each window's prefill runs once and is shared by every method; windows run as a batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from oscar_compile import assets
+from oscar_compile.eval import (
+    attention_rel_errors,
+    bits_per_element,
+    continuation_nll,
+    make_windows,
+    passkey,
+    prefill,
+    standard_methods,
+)
+
+CONTINUATION = 128
+CHUNK = 16
+
+
+def _corpus(name: str, cache):
+    return assets.paul_graham_essays(cache) if name == "pg" else assets.wiki_articles(cache)
+
+
+def _save_rows(path: Path, meta: dict, rows: list[dict]) -> None:
+    """Merge ``rows`` into ``path`` (same model/context/windows/text): reruns replace a method's row."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        if all(old["meta"][k] == meta[k] for k in ("windows", "text", "continuation")):
+            merged = {r["method"]: r for r in old["rows"]} | {r["method"]: r for r in rows}
+            order = [r["method"] for r in old["rows"]] + [r["method"] for r in rows]
+            rows = [merged[n] for n in dict.fromkeys(order)]
+            meta = meta | {"prefill_s": old["meta"]["prefill_s"] + meta["prefill_s"],
+                           "methods_s": old["meta"]["methods_s"] + meta["methods_s"]}
+    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+
+
+def run_perplexity(model, tok, model_name, context, args, methods, out: Path) -> None:
+    """Prefill every window once (kept in memory), then run the methods one by one, saving after each."""
+    docs = _corpus(args.text, args.cache_dir)
+    windows = torch.stack(make_windows(tok, docs, context + CONTINUATION + 1, args.windows))
+    cfg = model.config
+    kv_heads = cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    path = out / f"ppl_{model_name}_C{context}.json"
+    done = set()
+    if args.resume and path.exists():
+        done = {r["method"] for r in json.loads(path.read_text())["rows"]}
+    todo = [m for m in methods if m.name not in done or m.name == "bf16"]
+    batches = [windows[i:i + args.batch] for i in range(0, len(windows), args.batch)]
+    t0 = time.perf_counter()
+    kvs = [prefill(model, ids[:, :context])[0] for ids in tqdm(batches, desc=f"prefill C={context}")]
+    t_prefill = time.perf_counter() - t0
+    ref = None
+    meta = dict(model=model_name, context=context, windows=len(windows), continuation=CONTINUATION,
+                chunk=CHUNK, text=args.text, prefill_s=t_prefill, methods_s=0.0,
+                torch_threads=torch.get_num_threads())
+    print(f"{model_name} C={context}: prefill {t_prefill:.0f}s", flush=True)
+    base = None
+    for m in tqdm(todo, desc=f"{model_name} C={context}", unit="method"):
+        t1 = time.perf_counter()
+        res = [continuation_nll(model, ids, context, [m], CHUNK, kv)[m.name] for ids, kv in zip(batches, kvs)]
+        secs = time.perf_counter() - t1
+        if m.name == "bf16":
+            ref = res
+            base = math.exp(torch.cat([r.nll for r in res]).sum().item() / (len(windows) * CONTINUATION))
+        nll = torch.cat([r.nll for r in res])
+        err = (sum(torch.tensor(attention_rel_errors(r, b)) * r.nll.numel() for r, b in zip(res, ref))
+               / len(windows)).tolist()
+        ppl = math.exp(nll.sum().item() / (len(windows) * CONTINUATION))
+        row = dict(method=m.name, bits=bits_per_element(m, kv_heads, head_dim), ppl=ppl,
+                   delta_pct=100 * (ppl / base - 1), attn_err_mean=sum(err) / len(err), attn_err_max=max(err),
+                   attn_err_per_layer=err, window_nll=nll.tolist(), seconds=secs)
+        _save_rows(path, meta | {"methods_s": secs, "prefill_s": t_prefill if m.name == "bf16" else 0.0}, [row])
+        report(out)
+        print(f"  {m.name:>16}  ppl {ppl:8.3f}  {row['delta_pct']:+7.2f}%  attn err {row['attn_err_mean']:.4f}"
+              f"  ({secs:.0f}s)", flush=True)
+
+
+def run_passkey(model, tok, model_name, context, args, methods, out: Path) -> None:
+    hay = "\n\n".join(assets.paul_graham_essays(args.cache_dir))
+    t0 = time.perf_counter()
+    found = {m.name: [] for m in methods}
+    for trial in tqdm(range(args.passkey_trials), desc=f"passkey {model_name} {context}"):
+        res = passkey(model, tok, hay, context, args.depths, methods, seed=trial)
+        for k, v in res.items():
+            found[k] += v
+    meta = dict(model=model_name, context=context, depths=args.depths, trials=args.passkey_trials,
+                seconds=time.perf_counter() - t0)
+    (out / f"passkey_{model_name}_C{context}.json").write_text(json.dumps(dict(meta=meta, found=found), indent=1))
+    print(f"passkey {model_name} C={context} ({meta['seconds']:.0f}s): "
+          + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in found.items()), flush=True)
+
+
+def report(out: Path) -> str:
+    """Rebuild ``accuracy.md`` and ``accuracy.png`` from every JSON in ``out``; return the Markdown."""
+    ppl = [json.loads(p.read_text()) for p in sorted(out.glob("ppl_*.json"))]
+    pk = [json.loads(p.read_text()) for p in sorted(out.glob("passkey_*.json"))]
+    if not ppl:
+        return ""
+    cols = [(d["meta"]["model"], d["meta"]["context"]) for d in ppl]
+    order = [r["method"] for r in ppl[0]["rows"]]
+    by = {(d["meta"]["model"], d["meta"]["context"]): {r["method"]: r for r in d["rows"]} for d in ppl}
+    bits = {r["method"]: r["bits"] for d in ppl for r in d["rows"]}
+    lines = ["Continuation perplexity: increase over the bf16 cache (bf16 row: perplexity); "
+             "attention-output relative error (mean over layers) in brackets.", "",
+             "| method | bits/elt | " + " | ".join(f"{m} C={c}" for m, c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for name in order:
+        cells = []
+        for col in cols:
+            r = by[col].get(name)
+            if r is None:
+                cells.append("-")
+            elif name == "bf16":
+                cells.append(f"ppl {r['ppl']:.3f}")
+            else:
+                cells.append(f"{r['delta_pct']:+.2f}% ({r['attn_err_mean']:.3f})")
+        lines.append(f"| {name} | {bits[name]:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "Runs: " + "; ".join(
+        f"{d['meta']['model']} C={d['meta']['context']}: {d['meta']['windows']} windows x "
+        f"{d['meta']['continuation']} tokens ({d['meta']['text']}), prefill {d['meta']['prefill_s']:.0f} s, "
+        f"methods {d['meta']['methods_s']:.0f} s" for d in ppl)]
+    if pk:
+        pk_names = list(dict.fromkeys(n for d in pk for n in d["found"]))
+        pcols = [(d["meta"]["model"], d["meta"]["context"]) for d in pk]
+        lines += ["", "Passkey retrieval (found / trials x depths "
+                  + f"{pk[0]['meta']['depths']}):", "",
+                  "| method | " + " | ".join(f"{m} {c}" for m, c in pcols) + " |",
+                  "|---|" + "---|" * len(pcols)]
+        for name in pk_names:
+            lines.append(f"| {name} | " + " | ".join(
+                f"{sum(d['found'][name])}/{len(d['found'][name])}" if name in d["found"] else "-" for d in pk) + " |")
+    md = "\n".join(lines) + "\n"
+    (out / "accuracy.md").write_text(md)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for col in cols:
+            xs, ys, names = [], [], []
+            for name, r in by[col].items():
+                if name == "bf16":
+                    continue
+                xs.append(r["bits"])
+                ys.append(max(r["delta_pct"], 0.01))
+                names.append(name)
+            ax.scatter(xs, ys, label=f"{col[0]} C={col[1]}")
+            for x, y, n in zip(xs, ys, names):
+                ax.annotate(n, (x, y), fontsize=6, alpha=0.7)
+        ax.set_xlabel("stored bits per K/V element")
+        ax.set_ylabel("perplexity increase over bf16 cache (%)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=120)
+    except ImportError as e:  # matplotlib is in the `eval` extra
+        print(f"no plot: {e}")
+    return md
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", choices=sorted(assets.MODELS))
+    p.add_argument("--contexts", type=int, nargs="*", default=[1024])
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="windows per batch (memory vs speed)")
+    p.add_argument("--text", default="pg", choices=["pg", "wiki"])
+    p.add_argument("--methods", default=None, help="comma-separated subset of method names (bf16 always runs)")
+    p.add_argument("--passkey", type=int, nargs="*", default=[], help="passkey context lengths")
+    p.add_argument("--depths", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--passkey-trials", type=int, default=2)
+    p.add_argument("--passkey-methods", default="bf16,KIVI-2,OScaR-paper-2,auto-2,KIVI-4,auto-4,quanto-2,quanto-4")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--resume", action="store_true", help="skip methods already in the results JSON")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        methods = standard_methods()
+        if args.methods:
+            keep = set(args.methods.split(",")) | {"bf16"}
+            unknown = keep - {m.name for m in methods}
+            if unknown:
+                raise SystemExit(f"unknown methods {sorted(unknown)}; known: {[m.name for m in methods]}")
+            methods = [m for m in methods if m.name in keep]
+            methods.sort(key=lambda m: args.methods.split(",").index(m.name) if m.name in args.methods.split(",") else -1)
+        try:
+            import optimum.quanto  # noqa: F401
+        except Exception as e:  # the incumbent is optional: report it instead of crashing
+            print(f"quanto unavailable ({type(e).__name__}: {e}); skipping its rows")
+            methods = [m for m in methods if m.kind != "quanto"]
+        t = time.perf_counter()
+        model, tok = assets.load_model(args.model, args.cache_dir)
+        print(f"loaded {args.model} in {time.perf_counter() - t:.1f}s; {torch.get_num_threads()} threads", flush=True)
+        for c in args.contexts:
+            run_perplexity(model, tok, args.model, c, args, methods, args.out)
+            report(args.out)
+        pk_names = set(args.passkey_methods.split(","))
+        for c in args.passkey:
+            run_passkey(model, tok, args.model, c, args, [m for m in methods if m.name in pk_names], args.out)
+            report(args.out)
+    print(report(args.out))
+
+
+if __name__ == "__main__":
+    main()
