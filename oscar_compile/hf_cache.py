@@ -95,8 +95,10 @@ class OScaRLayer(CacheLayerMixin):
             key_states.dtype, self.device, self.window,
         )  # fmt: skip
         self.cumulative_length = self.cumulative_length.to(self.device)
-        if not _is_compiling():  # static addresses: CUDA graphs may capture the state
+        if not _is_compiling():  # static addresses: CUDA graphs capture the state in place, no input copies
+            # AOTAutograd takes a subclass input's static-ness for all its inner tensors: mark the halves
             for half in (self.keys, self.values):
+                torch._dynamo.mark_static_address(half)
                 for name in half.tensor_data_names:
                     torch._dynamo.mark_static_address(getattr(half, name))
             torch._dynamo.mark_static_address(self.cumulative_length)
