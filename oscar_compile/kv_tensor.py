@@ -78,7 +78,7 @@ from .config import OScaRConfig
 from .kernels.cache_layout import CacheFormat, CacheTensors, allocate_cache
 from .kernels.quantization import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values
 
-__all__ = ["OScaRKeyCache", "OScaRValueCache", "KVView", "new_kv_cache", "is_oscar_cache"]
+__all__ = ["OScaRKeyCache", "OScaRValueCache", "KVView", "new_kv_cache", "kv_cache_from_hp", "is_oscar_cache"]
 
 aten = torch.ops.aten
 
@@ -327,6 +327,23 @@ def new_kv_cache(
         c.value_codes, c.value_mn, c.value_scale, c.residual_values, c.lengths.clone(), offsets.clone(), *attrs
     )
     return keys, values
+
+
+def kv_cache_from_hp(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    config: OScaRConfig,
+    max_len: int,
+    window: Optional[int] = None,
+) -> tuple[OScaRKeyCache, OScaRValueCache]:
+    """A layer's cache holding the history ``keys``/``values`` ``[B, Hkv, T, D]`` (quantized as OScaR
+    would have written it: whole residual blocks quantized, the tail full precision). Logical shape
+    ``[B, Hkv, max_len, D]``; dtype of ``keys``."""
+    b, h, t, d = keys.shape
+    k_cache, v_cache = new_kv_cache(b, h, max(max_len, t), d, config, keys.dtype, keys.device, window)
+    ops.append_kv(cache_tensors(k_cache, v_cache), k_cache.fmt, keys, values)
+    v_cache.lengths.copy_(k_cache.lengths)
+    return k_cache, v_cache
 
 
 def layer_nbytes(keys: OScaRKeyCache, values: OScaRValueCache) -> int:

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from oscar_compile import OScaRConfig, fake_quantize, ops
 from oscar_compile.kernels import cache_nbytes
-from oscar_compile.kv_tensor import KVView, OScaRKeyCache, OScaRValueCache, cache_tensors, new_kv_cache
+from oscar_compile.kv_tensor import KVView, OScaRKeyCache, OScaRValueCache, cache_tensors, kv_cache_from_hp, new_kv_cache
 from testing_utils import randn
 
 CFG = OScaRConfig(residual_length=32)
@@ -218,3 +218,14 @@ def test_compiled_step_no_graph_breaks(backend):
         assert torch.equal(a, b)
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] <= 2  # prefill shape and decode shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_hp_dequantizes_to_fake_quantize(dtype):
+    k, v = randn((B, HKV, 75, D), dtype, seed=4), randn((B, HKV, 75, D), dtype, seed=5)
+    kc, vc = kv_cache_from_hp(k, v, CFG, 100)
+    assert kc.shape == (B, HKV, MAX_LEN, D) and kc.dtype == dtype and vc.lengths.tolist() == [75, 75]
+    fk, fv = fake_quantize(k, v, CFG)
+    tol = dict(rtol=0, atol=1e-6 if dtype == torch.float32 else 0)  # bf16: same fp32 dequant, same rounding
+    torch.testing.assert_close(kc.dequantize()[:, :, :75], fk, **tol)
+    torch.testing.assert_close(vc.dequantize()[:, :, :75], fv, **tol)
