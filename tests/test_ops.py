@@ -1,7 +1,8 @@
-"""oscar::append_kv / oscar::attention: opcheck, equality with the references, and compile."""
+"""The oscar:: ops: opcheck, equality with the references, and compile."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -136,3 +137,34 @@ def test_compiled_attend_append_is_reinplaced():
     code = "\n".join(code)
     assert "torch.ops.oscar.attend_append.default(arg" in code.replace("reinterpret_tensor(", "")
     assert "copy_" not in code and "clone" not in code
+
+
+def test_sdpa_plain_tensors_matches_torch_and_opcheck():
+    q, k, v = randn((2, 4, 5, 64)), randn((2, 2, 9, 64), seed=1), randn((2, 2, 9, 64), seed=2)
+    mask = torch.rand(2, 1, 5, 9, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[..., 0] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(ops.sdpa(q, k, v, mask), want, rtol=0, atol=1e-5)
+    causal = F.scaled_dot_product_attention(q, k[:, :, :5], v[:, :, :5], is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(ops.sdpa(q, k[:, :, :5], v[:, :, :5], is_causal=True), causal, rtol=0, atol=1e-5)
+    capped = ops.sdpa(q * 10, k, v, softcap=2.0)
+    scores = torch.tanh((q * 10).reshape(2, 2, 2, 5, 64) @ k[:, :, None].transpose(-1, -2) / 8 / 2.0) * 2.0
+    want_capped = (scores.softmax(-1) @ v[:, :, None]).reshape(2, 4, 5, 64)
+    torch.testing.assert_close(capped, want_capped, rtol=0, atol=1e-5)
+    torch.library.opcheck(torch.ops.oscar.sdpa.default, (q, k, v, mask, 0.125, 3.0, False))
+
+
+def test_left_pads_from_masks():
+    # bool mask [B, 1, T, K] for a chunk at positions 4..7: row 1 has 2 left pads, row 0 none;
+    # a sliding window (3) must not be mistaken for padding
+    t, k_len = 4, 16
+    pos = torch.arange(4, 8)
+    q_pos, k_pos = pos[:, None], torch.arange(k_len)[None, :]
+    base = (k_pos <= q_pos) & (k_pos > q_pos - 3)
+    pads = torch.tensor([0, 6])
+    mask = (base[None] & (k_pos[None] >= pads[:, None, None]))[:, None]
+    assert ops.left_pads(mask, pos, 2).tolist() == [0, 2]
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    assert ops.left_pads(additive, pos, 2).tolist() == [0, 2]
+    assert ops.left_pads(mask[:1], pos, 3).tolist() == [0, 0, 0]  # a batch-1 mask broadcasts
+    torch.library.opcheck(torch.ops.oscar.left_pads.default, (mask, pos, 2))
