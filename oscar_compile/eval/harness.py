@@ -144,7 +144,8 @@ def continuation_nll(
         nll = torch.zeros(len(rows), dtype=torch.float64)
         for start in range(context, context + m, chunk):
             x = ids[rows, start:start + chunk].to(model.device)
-            logits = _forward(model, x, cache).logits.float()
+            logits = _forward(model, x, cache).logits
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             target = ids[rows, start + 1:start + chunk + 1].to(model.device)
             nll += torch.nn.functional.cross_entropy(
                 logits.transpose(1, 2), target, reduction="none").sum(1).double().cpu()
