@@ -17,7 +17,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import OScaRConfig
-from .report import OScaRReport
+from .report import OScaRReport, SiteRecord
 from .rewrite import StateRegistry, rewrite_graph, site_name
 from .sites import find_attention_nodes, match_attention
 
@@ -112,8 +112,8 @@ class OScaRInductorPass(CustomGraphPass):
 
     Register with ``torch._inductor.config.patch(post_grad_custom_post_pass=OScaRInductorPass(config))``.
     ``uuid()`` hashes this package's sources plus ``repr(config)`` so cached graphs go stale when either
-    changes. Sites found here are recorded under ``report.sites_found`` / ``report.skipped``; the rewrite
-    itself needs the Dynamo-level backend (see module docstring).
+    changes. Sites found here are recorded in ``report.found`` (and ``self.found`` with their Site) or
+    ``report.skipped``; the rewrite itself needs the Dynamo-level backend (see module docstring).
     """
 
     def __init__(self, config=None, report=None):
@@ -134,6 +134,10 @@ class OScaRInductorPass(CustomGraphPass):
                 self.report.add_skipped(name, site)
             else:
                 self.found.append((name, site))
+                self.report.found.append(
+                    SiteRecord(name, site.kind, f"{site.key_cache.name}/{site.value_cache.name}", site.heads,
+                               site.kv_heads, site.head_dim, site.mask_kind, site.write_op)  # fmt: skip
+                )
 
     def uuid(self):
         return hashlib.sha256((_pass_sources_hash() + repr(self.config)).encode()).hexdigest()

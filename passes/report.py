@@ -42,6 +42,7 @@ class OScaRReport:
     graphs: int = 0
     op_counts: Counter = field(default_factory=Counter)
     caches: dict = field(default_factory=dict)  # cache name -> (bf16 bytes, oscar bytes)
+    found: list = field(default_factory=list)  # SiteRecords matched but not rewritten (ATen discovery pass)
 
     @property
     def rewritten(self) -> int:
@@ -71,6 +72,11 @@ class OScaRReport:
             lines.append(
                 f"  rewritten {rec.name}: {rec.kind}, {rec.heads} heads / {rec.kv_heads} kv heads, "
                 f"head_dim {rec.head_dim}, mask {rec.mask_kind}, write {rec.write_op}, cache {rec.cache}"
+            )
+        for rec in self.found:
+            lines.append(
+                f"  found {rec.name} (discovery only): {rec.kind}, {rec.heads} heads / {rec.kv_heads} kv heads, "
+                f"head_dim {rec.head_dim}, mask {rec.mask_kind}, write {rec.write_op}"
             )
         for name, reason in self.skipped:
             lines.append(f"  skipped {name}: {reason}")

@@ -274,11 +274,12 @@ def _record_cache_subclass_sites(graph: fx.Graph, values, report: OScaRReport) -
     ``index_copy_`` writes and attention reach the ops through the subclass. They are reported as rewritten
     (kind ``"sdpa (OScaRCache)"``) with the cache's exact bytes.
     """
+    nodes = [n for n in graph.nodes if n.op == "call_function" and _is_oscar(n) and op_name(n) == "sdpa"]
+    if not nodes:
+        return
     from ..kv_tensor import is_oscar_cache, layer_nbytes
 
-    for node in graph.nodes:
-        if not (node.op == "call_function" and _is_oscar(node) and op_name(node) == "sdpa"):
-            continue
+    for node in nodes:
         k, v = node.args[1], node.args[2]
         kt, vt = values.get(k), values.get(v)
         if not (is_oscar_cache(kt) and is_oscar_cache(vt)):

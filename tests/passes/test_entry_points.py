@@ -85,3 +85,4 @@ def test_inductor_custom_pass_finds_sites_on_aten_graphs():
     assert [s.mask_kind for _, s in p.found] == ["causal-position-unchecked"] * 2
     assert {s.write_op for _, s in p.found} == {"index_put"}
     assert all(n.endswith("_scaled_dot_product_flash_attention_for_cpu") for n, _ in p.found)
+    assert p.report.rewritten == 0 and len(p.report.found) == 2 and "discovery only" in str(p.report)
