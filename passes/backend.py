@@ -18,7 +18,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import OScaRConfig
 from .report import OScaRReport, SiteRecord
-from .rewrite import StateRegistry, rewrite_graph, site_name
+from .rewrite import StateRegistry, _is_oscar, rewrite_graph, site_name
 from .sites import find_attention_nodes, match_attention
 
 __all__ = ["OScaRBackend", "OScaRInductorPass", "oscar_backend", "default_backend"]
@@ -62,7 +62,9 @@ class OScaRBackend:
         else:
             from torch._inductor.compile_fx import compile_fx
 
-            compiled = compile_fx(gm, example_inputs, config_patches={**INDUCTOR_DEFAULTS, **self.inductor_options})
+            uses_oscar = any(_is_oscar(n) for n in gm.graph.nodes if n.op == "call_function")
+            patches = {**(INDUCTOR_DEFAULTS if uses_oscar else {}), **self.inductor_options}
+            compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
         if self.free_full_precision:
             self._free()
         return compiled
