@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from .quantization import dequantize_keys, quantize_keys
+from .hadamard import hadamard_transform
+from .quantization import dequantize_groups, key_token_norms, quantize_groups
 
 __all__ = ["CANDIDATES", "FALLBACK_FLAGS", "choose_key_flags", "key_transform_errors"]
 
@@ -38,8 +39,22 @@ __all__ = ["CANDIDATES", "FALLBACK_FLAGS", "choose_key_flags", "key_transform_er
 CANDIDATES: tuple[tuple[bool, bool], ...] = ((False, True), (True, True), (False, False), (True, False))
 # Used when fewer than one complete group of tokens is available.
 FALLBACK_FLAGS: tuple[bool, bool] = (False, True)
-MAX_TOKENS = 4096  # keys scored at most (the first ones): bounds the cost on long prompts
+MAX_TOKENS = 1024  # keys scored at most (the first ones): bounds the cost on long prompts
 NUM_QUERIES = 64  # latest queries used (they attend to the whole prompt)
+
+
+def _roundtrip(k: torch.Tensor, norms: torch.Tensor, bits: int, group_size: int, rotate: bool, scale: bool):
+    # k: [B, H, T, D] fp32 -> what the cache would return for it with these flags on every head (the same
+    # operations as quantization.quantize_keys/dequantize_keys, without packing the codes).
+    b, h, t, d = k.shape
+    x = hadamard_transform(k) if rotate else k
+    if scale:
+        x = x / norms
+    codes, mn, step = quantize_groups(x.reshape(b, h, t // group_size, group_size, d), bits, dim=3)
+    x = dequantize_groups(codes, mn, step).reshape(b, h, t, d)
+    if scale:
+        x = x * norms
+    return hadamard_transform(x) if rotate else x
 
 
 def key_transform_errors(
@@ -49,8 +64,9 @@ def key_transform_errors(
     queries: torch.Tensor | None = None,
     max_tokens: int = MAX_TOKENS,
     num_queries: int = NUM_QUERIES,
+    candidates=CANDIDATES,
 ) -> torch.Tensor:
-    """Relative error ``[len(CANDIDATES), Hkv]`` (fp32) of each candidate on each kv head.
+    """Relative error ``[len(candidates), Hkv]`` (fp32) of each candidate on each kv head.
 
     keys: ``[B, Hkv, T, D]``, T >= group_size (the first ``max_tokens`` complete groups are scored).
     queries: ``[B, Hq, Tq, D]`` with Hq a multiple of Hkv (query heads ``h * Hq/Hkv .. (h+1) * Hq/Hkv - 1``
@@ -78,9 +94,10 @@ def key_transform_errors(
         denom = centered(q @ k.transpose(-1, -2)).square().sum(dim=(0, 2, 3)).clamp_min(tiny)
     else:
         denom = k.square().sum(dim=(0, 2, 3)).clamp_min(tiny)
+    norms = key_token_norms(keys[:, :, :n])[:, None, :, None]
     errs = []
-    for rot, scale in CANDIDATES:
-        diff = k - dequantize_keys(quantize_keys(k, bits, group_size, rot, scale))
+    for rot, scale in candidates:
+        diff = k - _roundtrip(k, norms, bits, group_size, rot, scale)
         if queries is not None:
             diff = centered(q @ diff.transpose(-1, -2))
         errs.append(diff.square().sum(dim=(0, 2, 3)) / denom)
@@ -116,11 +133,8 @@ def choose_key_flags(
         fr, fs = FALLBACK_FLAGS
         full = lambda v: torch.full((h,), v, dtype=torch.bool, device=keys.device)  # noqa: E731
         return full(fr if rotate == "auto" else rotate), full(fs if scale == "auto" else scale)
-    errs = key_transform_errors(keys, bits, group_size, queries, max_tokens)
-    allowed = torch.tensor(
-        [(rotate == "auto" or r == rotate) and (scale == "auto" or c == scale) for r, c in CANDIDATES],
-        device=errs.device,
-    )
-    best = torch.where(allowed[:, None], errs, torch.inf).argmin(dim=0)  # first minimum on ties
-    table = torch.tensor(CANDIDATES, dtype=torch.bool, device=keys.device)  # [4, 2]
+    allowed = [(r, c) for r, c in CANDIDATES if (rotate == "auto" or r == rotate) and (scale == "auto" or c == scale)]
+    errs = key_transform_errors(keys, bits, group_size, queries, max_tokens, candidates=allowed)
+    best = errs.argmin(dim=0)  # first minimum on ties (CANDIDATES order)
+    table = torch.tensor(allowed, dtype=torch.bool, device=keys.device)  # [n_allowed, 2]
     return table[best, 0].clone(), table[best, 1].clone()
