@@ -177,8 +177,8 @@ def _input_name(node: fx.Node, values) -> str:
 def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, report: OScaRReport) -> int:
     """Match and rewrite every site of ``gm`` in place; returns the number of attention sites rewritten.
 
-    Raises RuntimeError only when a cache already replaced by OScaR state (in an earlier graph) is read by
-    something this graph cannot rewrite: its full-precision storage no longer exists.
+    Raises RuntimeError only when a cache (or layer) already held as OScaR state is used by something this
+    graph cannot rewrite: its full-precision copy is stale or freed, so leaving it would be wrong.
     """
     graph = gm.graph
     cfg = registry.config
@@ -187,7 +187,6 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
     report.graphs += 1
 
     groups: dict[tuple, list[Site]] = {}
-    failed: dict[tuple, str] = {}
     seen: Counter = Counter()
     for node in find_attention_nodes(graph):
         name = site_name(node)
