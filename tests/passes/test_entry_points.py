@@ -6,7 +6,7 @@ from torch import nn
 
 import oscar_compile as oscar
 from oscar_compile import OScaRConfig
-from oscar_compile.passes import OScaRInductorPass, default_backend
+from oscar_compile.passes import OScaRBackend, OScaRInductorPass, default_backend
 from pass_helpers import CONFIG, decode_steps, oscar_reference
 from pass_models import Decoder
 
@@ -86,3 +86,27 @@ def test_inductor_custom_pass_finds_sites_on_aten_graphs():
     assert {s.write_op for _, s in p.found} == {"index_put"}
     assert all(n.endswith("_scaled_dot_product_flash_attention_for_cpu") for n, _ in p.found)
     assert p.report.rewritten == 0 and len(p.report.found) == 2 and "discovery only" in str(p.report)
+
+
+def test_replaced_cache_that_a_later_graph_cannot_rewrite_raises():
+    # after the caches became OScaR state, a new code path (ALiBi bias switched on) cannot be rewritten:
+    # the pass raises instead of reading the stale/freed full-precision cache
+    model = Decoder(n_layers=1).eval()
+    compiled = oscar.compile(model, CONFIG, fullgraph=True, dynamic=False)
+    x, pos = decode_steps(prompt=8, decode=0)[0]
+    compiled(x, pos)
+    model.layers[0].alibi = True
+    model.layers[0].register_buffer("slopes", torch.ones(4))
+    with pytest.raises(Exception, match="held as OScaR state|replaced by OScaR state"):
+        compiled(torch.randn(1, 1, 128), torch.tensor([8]))
+
+
+def test_autograd_enabled_leaves_sites_untouched():
+    backend = OScaRBackend(CONFIG, inner="eager")
+    model = Decoder(n_layers=1)
+    plain = Decoder(n_layers=1)
+    plain.load_state_dict(model.state_dict())
+    x, pos = decode_steps(prompt=8, decode=0)[0]
+    out = torch.compile(model, backend=backend, fullgraph=True)(x, pos)
+    assert torch.equal(out, plain(x, pos))
+    assert backend.report.rewritten == 0 and all("autograd" in r for _, r in backend.report.skipped)
