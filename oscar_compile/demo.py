@@ -26,7 +26,14 @@ from . import assets
 from .config import OScaRConfig
 from .kernels.cache_layout import CacheFormat, allocate_cache, cache_nbytes
 
-DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
+INSTRUCTION = "\n\nSummarize the text above in two sentences."
+
+
+def default_prompt(chars: int = 2500) -> str:
+    """A long prompt (an essay excerpt + an instruction) so the cache holds quantized blocks while decoding
+    (the newest 128 tokens always stay at full precision)."""
+    essay = assets.paul_graham_essays()[1]
+    return essay[:chars].rsplit(" ", 1)[0] + INSTRUCTION
 
 
 def kv_bytes(model_config, context: int, config: OScaRConfig, batch: int = 1) -> tuple[int, int]:
@@ -67,7 +74,7 @@ class _StepClock:
         return scores
 
 
-def _generate(model, tok, prompt: str, new_tokens: int, cache=None) -> tuple[str, float]:
+def _generate(model, tok, prompt: str, new_tokens: int) -> tuple[str, float]:
     """Greedy generation; returns ``(text, decode tokens/s)``."""
     from transformers import LogitsProcessorList
 
@@ -76,14 +83,35 @@ def _generate(model, tok, prompt: str, new_tokens: int, cache=None) -> tuple[str
     ids = {k: v.to(model.device) for k, v in ids.items()}
     clock = _StepClock()
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]))
-    if cache is not None:
-        kwargs["past_key_values"] = cache
     with torch.no_grad():
         out = model.generate(**ids, **kwargs)
     text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     s = clock.stamps
     rate = (len(s) - 1) / (s[-1] - s[0]) if len(s) > 1 and s[-1] > s[0] else float("nan")
     return text.strip(), rate
+
+
+@torch.no_grad()
+def _generate_fake(model, tok, prompt: str, new_tokens: int, config: OScaRConfig) -> tuple[str, float]:
+    """Greedy decoding through the evaluation cache: full-precision prefill (its queries feed the "auto"
+    key transform), then every new token reads the fake-quantized cache."""
+    from .eval import KVMethod, make_cache, prefill
+    from .eval.harness import _forward
+
+    messages = [{"role": "user", "content": prompt}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    kv, logits = prefill(model, ids["input_ids"])
+    cache = make_cache(KVMethod("oscar", "oscar", config, config.bits), model.config, kv)
+    out, stamps = [], []
+    x = logits.argmax(-1, keepdim=True)
+    for _ in range(new_tokens):
+        stamps.append(time.perf_counter())
+        out.append(x.item())
+        if x.item() == tok.eos_token_id:
+            break
+        x = _forward(model, x.to(model.device), cache).logits[:, -1].argmax(-1, keepdim=True)
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return tok.decode(out, skip_special_tokens=True).strip(), rate
 
 
 def _perplexity(model, tok, config: OScaRConfig, context: int, windows: int) -> tuple[float, float]:
@@ -108,7 +136,7 @@ def _side_by_side(left: str, right: str, width: int = 48) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="OScaR 2-bit KV cache demo (SmolLM2-135M-Instruct).")
     p.add_argument("--model", default="smollm2-135m", choices=sorted(assets.MODELS))
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=None, help="default: an essay excerpt (~600 tokens) + 'Summarize ...'")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--long-context", type=int, default=32768, help="context for the KV-bytes figure")
     p.add_argument("--ppl-context", type=int, default=1024)
@@ -130,18 +158,19 @@ def main(argv=None) -> None:
     print(f"\nKV cache at {args.long_context} tokens: bf16 {bf16_b / 2**20:.1f} MiB, OScaR {oscar_b / 2**20:.1f} MiB "
           f"({bf16_b / oscar_b:.2f}x smaller)")
 
-    text_bf16, rate_bf16 = _generate(model, tok, args.prompt, args.new_tokens)
+    prompt = args.prompt or default_prompt()
+    text_bf16, rate_bf16 = _generate(model, tok, prompt, args.new_tokens)
     oscar_model = apply_oscar(model, config, backend)
-    cache = None
     if backend == "fake":
-        from .eval import KVMethod, make_cache
-
-        cache = make_cache(KVMethod("oscar", "oscar", config, config.bits), model.config)
-    text_oscar, rate_oscar = _generate(oscar_model, tok, args.prompt, args.new_tokens, cache)
+        text_oscar, rate_oscar = _generate_fake(oscar_model, tok, prompt, args.new_tokens, config)
+    else:
+        text_oscar, rate_oscar = _generate(oscar_model, tok, prompt, args.new_tokens)
     report = getattr(oscar_model, "oscar_report", None)
     if report is not None:
         print(f"\n{report}")
-    print(f"\nprompt: {args.prompt}\n")
+    n_prompt = len(tok(prompt)["input_ids"])
+    shown = prompt if len(prompt) < 300 else prompt[:150] + " [...] " + prompt[-120:]
+    print(f"\nprompt ({n_prompt} tokens; the newest 128 stay at full precision): {shown!r}\n")
     print(_side_by_side(text_bf16, text_oscar))
     print(f"\ndecode tokens/s: bf16 cache {rate_bf16:.1f}, OScaR ({backend}) {rate_oscar:.1f}"
           + ("  [fake quantization: not a speed figure]" if backend == "fake" else ""))
