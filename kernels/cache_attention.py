@@ -137,12 +137,15 @@ def cache_attention_ref(
 #     registers, scores against the rotated query (per-head flag), multiplies by the token norm
 #     (per-head flag), online softmax in fp32 with exp2, P @ V with dequantized value codes (still in
 #     the rotated value space). Writes the split's normalized output and log2-sum-exp (fp32 scratch).
-#   stage 2, _cache_attn_merge_kernel, grid (B * Hkv, row blocks): merges the splits by LSE, applies
-#     the inverse value rotation H (symmetric, self-inverse) once to the merged output, then continues
-#     the same online softmax over the full-precision residual tokens and the step's new tokens (in the
-#     original space, fp32) and writes the output.
-# Large T_q (prefill chunks) runs the same two kernels with more row blocks and usually one split:
-# correct for any T_q; the new-token part is a plain tiled loop, not tuned for long prompts.
+#   stage 2, _cache_attn_merge_kernel, grid (B * Hkv, GROUP * T_q): one program per query row. Loads
+#     all splits' partials at once, merges them by LSE, applies the inverse value rotation H
+#     (symmetric, self-inverse; block-diagonal for non-power-of-two D) once to the merged output, then
+#     continues the same online softmax over the full-precision residual tokens and the step's new
+#     tokens (original space, fp32, causal) and writes the output; left-padding rows write zeros.
+# Large T_q (prefill chunks) runs the same two kernels (more row blocks, usually one split): correct
+# for any T_q, but the per-row new-token loop costs O(T_q^2) vector work per kv head, so long prompts
+# are slow on this path (prefill speed is not tuned). Measured decode speed on the H200 and what
+# limits it: benchmarks/README.md (slower than cuDNN bf16 today: dequantization is not hidden).
 
 _LOG2E = 1.4426950408889634
 
