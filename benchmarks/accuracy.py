@@ -115,7 +115,9 @@ def report(out: Path) -> str:
     if not ppl:
         return ""
     cols = [(d["meta"]["model"], d["meta"]["context"]) for d in ppl]
-    order = [r["method"] for r in ppl[0]["rows"]]
+    present = {r["method"] for d in ppl for r in d["rows"]}
+    order = [m.name for m in standard_methods() if m.name in present]
+    order += sorted(present - set(order))
     by = {(d["meta"]["model"], d["meta"]["context"]): {r["method"]: r for r in d["rows"]} for d in ppl}
     bits = {r["method"]: r["bits"] for d in ppl for r in d["rows"]}
     lines = ["Continuation perplexity: increase over the bf16 cache (bf16 row: perplexity); "

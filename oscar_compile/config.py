@@ -66,6 +66,12 @@ class OScaRConfig:
         return cls(**{"rotate_keys": True, "rotate_values": True, "token_scaling": True, **overrides})
 
     @classmethod
+    def adaptive(cls, **overrides) -> "OScaRConfig":
+        """Key rotation decided per layer and kv head from the prompt (``rotate_keys="auto"``), keys scaled
+        by their omni-token norm, values rotated: the most robust 2-bit variant measured (benchmarks/README.md)."""
+        return cls(**{"rotate_keys": AUTO, "rotate_values": True, "token_scaling": True, **overrides})
+
+    @classmethod
     def kivi(cls, **overrides) -> "OScaRConfig":
         """KIVI: plain per-channel keys / per-token values, nothing rotated or scaled."""
         return cls(**{"rotate_keys": False, "rotate_values": False, "token_scaling": False, **overrides})

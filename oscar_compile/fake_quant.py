@@ -52,7 +52,9 @@ def fake_quantize(
     blocks and dequantized back to the original space; the tail is returned unchanged. Outputs have
     the inputs' shapes and dtypes. With ``rotate_keys``/``token_scaling == "auto"`` the per-head key
     transform is chosen from the quantized keys (all complete blocks, as when a prompt is prefilled in one
-    step) and ``queries`` ``[B, Hq, Tq, D]`` when given (:func:`resolve_key_flags`).
+    step) and ``queries`` ``[B, Hq, Tq, D]`` when given (:func:`resolve_key_flags`), per sequence. So with
+    "auto" a longer history may decide differently from a shorter one; the cache decides once, at its first
+    quantization, and keeps the flags (pass that history here to reproduce it).
 
     Raises ValueError for non-finite inputs in the quantized prefix and for values beyond the fp16 range
     of the group parameters (the cache could not represent them).
@@ -69,9 +71,17 @@ def fake_quantize(
             raise ValueError(f"{name} contain non-finite values in the tokens to quantize")
         if x.abs().max() > _FP16_MAX:
             raise ValueError(f"{name} exceed the fp16 range ({_FP16_MAX}) of the quantization parameters")
-    rotate, scale = resolve_key_flags(head_k, config, queries)
-    qk = quantize_keys(head_k, config.bits, config.group_size, rotate, scale)
+    if config.adaptive_keys:  # each sequence decides its own flags (batch items stay independent)
+        parts = []
+        for b in range(keys.shape[0]):
+            q_b = None if queries is None else queries[b:b + 1]
+            rotate, scale = resolve_key_flags(head_k[b:b + 1], config, q_b)
+            parts.append(dequantize_keys(quantize_keys(head_k[b:b + 1], config.bits, config.group_size, rotate, scale), keys.dtype))
+        k_deq = torch.cat(parts)
+    else:
+        qk = quantize_keys(head_k, config.bits, config.group_size, config.rotate_keys, config.token_scaling)
+        k_deq = dequantize_keys(qk, keys.dtype)
     qv = quantize_values(head_v, config.bits, config.group_size, config.rotate_values)
-    keys_hat = torch.cat([dequantize_keys(qk, keys.dtype), keys[:, :, n_quant:]], dim=2)
+    keys_hat = torch.cat([k_deq, keys[:, :, n_quant:]], dim=2)
     values_hat = torch.cat([dequantize_values(qv, values.dtype), values[:, :, n_quant:]], dim=2)
     return keys_hat, values_hat
