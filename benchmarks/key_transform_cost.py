@@ -1,6 +1,6 @@
 """Cost of the adaptive key transform (``choose_key_flags``) per layer, at the shapes of the eval models.
 
-    python benchmarks/key_transform_cost.py [--tokens 1024 4096] [--reps 3]
+    python benchmarks/key_transform_cost.py [--tokens 1024 4096] [--reps 3] [--prefill-model smollm2-135m]
 
 Prints the median time of one decision (one layer, batch 1) and the total over the model's layers; compare
 with a full-precision prefill of the same length (printed by benchmarks/accuracy.py).
@@ -24,7 +24,19 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="*", default=[1024, 4096])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prefill-model", default=None, help="also time a full-precision prefill of this model (assets name)")
     args = p.parse_args(argv)
+    if args.prefill_model:
+        from oscar_compile import assets
+        from oscar_compile.eval import prefill
+
+        model, _ = assets.load_model(args.prefill_model)
+        for t in args.tokens:
+            ids = torch.randint(0, 1000, (1, t))
+            prefill(model, ids[:, :128])  # warm-up
+            t0 = time.perf_counter()
+            prefill(model, ids)
+            print(f"{args.prefill_model}: full-precision prefill of {t} tokens {1000 * (time.perf_counter() - t0):.0f} ms")
     print(f"torch threads {torch.get_num_threads()}")
     print("| model | prompt tokens | one layer (ms) | all layers (ms) |\n|---|---|---|---|")
     for name, (layers, hq, hkv, d) in SHAPES.items():
