@@ -143,12 +143,13 @@ def main(argv=None) -> None:
     p.add_argument("--ppl-windows", type=int, default=2)
     p.add_argument("--backend", default=None, choices=["compile", "cache", "fake"],
                    help="default: cache (fake when the config decides the key transform at run time)")
-    p.add_argument("--paper", action="store_true", help="use the paper's configuration instead of the default")
+    p.add_argument("--config", default="default", choices=["default", "paper", "adaptive", "kivi"],
+                   help="OScaRConfig() or one of its presets (paper(), adaptive(), kivi())")
     p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = OScaRConfig.paper() if args.paper else OScaRConfig()
+    config = OScaRConfig() if args.config == "default" else getattr(OScaRConfig, args.config)()
     backend = args.backend or ("fake" if config.adaptive_keys else "cache")
     t = time.perf_counter()
     model, tok = assets.load_model(args.model, args.cache_dir, device=device)
