@@ -111,16 +111,20 @@ def check_triton_vs_reference(device):
     from oscar_compile.kernels import append_kv_ref, cache_attention_ref
 
     cache, fmt = _cache(device, torch.bfloat16)
-    ref_cache = type(cache)(*(x.cpu().clone() for x in cache))
-    q = torch.randn(2, 8, 5, 128, dtype=torch.bfloat16)
-    nk, nv = torch.randn(2, 2, 5, 128, dtype=torch.bfloat16), torch.randn(2, 2, 5, 128, dtype=torch.bfloat16)
-    out = ops.attention(q.to(device), cache, fmt, nk.to(device), nv.to(device), window=200).float().cpu()
+    # the reference runs on the same device: torch's CPU sqrt and scalar division round differently
+    # from CUDA's, and the kernels match the reference of the device they run on
+    ref_cache = type(cache)(*(x.clone() for x in cache))
+    q = torch.randn(2, 8, 5, 128, dtype=torch.bfloat16, device=device)
+    nk = torch.randn(2, 2, 5, 128, dtype=torch.bfloat16, device=device)
+    nv = torch.randn(2, 2, 5, 128, dtype=torch.bfloat16, device=device)
+    out = ops.attention(q, cache, fmt, nk, nv, window=200).float()
     ref = cache_attention_ref(q, ref_cache, fmt, nk, nv, window=200).float()
     err = (out - ref).abs().max().item()
-    big_k, big_v = torch.randn(2, 2, 200, 128, dtype=torch.bfloat16), torch.randn(2, 2, 200, 128, dtype=torch.bfloat16)
-    ops.append_kv(cache, fmt, big_k.to(device), big_v.to(device))
+    big_k = torch.randn(2, 2, 200, 128, dtype=torch.bfloat16, device=device)
+    big_v = torch.randn(2, 2, 200, 128, dtype=torch.bfloat16, device=device)
+    ops.append_kv(cache, fmt, big_k, big_v)
     append_kv_ref(ref_cache, fmt, big_k, big_v)
-    same = {name: float((a.cpu() == b).float().mean()) for name, a, b in zip(cache._fields, cache, ref_cache)}
+    same = {name: float((a == b).float().mean()) for name, a, b in zip(cache._fields, cache, ref_cache)}
     return {"ok": err < 3e-2 and min(same.values()) > 0.999, "attention_max_err": err, "append_fraction_equal": same}
 
 
@@ -180,8 +184,11 @@ def check_decode_reinplaced(device, out_dir):
     if out_dir:
         with open(os.path.join(out_dir, "inductor_llama_decode_code.py"), "w") as f:
             f.write("\n".join(codes))
-    fused = sum("attend_append" in line for line in reinplace.lines)
-    return {"ok": fused == config.num_hidden_layers and reinplace.missed_bytes == 0,
+    # one fused attend+append call per layer in the generated code, and Inductor re-inplaced every
+    # mutated cache buffer (its log names the op on torch 2.13 and "auto_functionalized_v2" on 2.11)
+    fused = sum(code.count("torch.ops.oscar.attend_append.default(") for code in codes)
+    return {"ok": fused == config.num_hidden_layers and reinplace.missed_bytes == 0 and len(reinplace.lines) > 0,
+            "attend_append_calls": fused,
             "missed_reinplace_bytes": reinplace.missed_bytes, "reinplace_log": reinplace.lines}
 
 
@@ -303,7 +310,8 @@ def check_generate_compiled(device):
     cfg = OScaRConfig()
     model, config = _tiny_llama(device, torch.float32)
     use_oscar_attention(model)
-    greedy = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    greedy = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)  # min_new_tokens: no early EOS, so every step has logits
     prompts = [torch.randint(1, 512, (1, n), device=device) for n in (260, 190)]
     solo = [model.generate(p, past_key_values=OScaRCache(config, 300, cfg), **greedy) for p in prompts]
     ids = torch.cat([torch.cat([torch.zeros(1, 260 - p.shape[1], dtype=torch.long, device=device), p], 1) for p in prompts])
