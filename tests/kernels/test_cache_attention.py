@@ -142,6 +142,21 @@ def test_decode_gqa_long_context(bits):
     assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv))
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decode_partial_tiles_and_small_gqa(bits):
+    """Residual block shorter than a kernel tile (the quantized prefix ends inside a tile), one query
+    head per kv head and a chunk of 3 query positions (tile rows padded), softcap."""
+    fmt = CacheFormat(bits, 32, 64 if ON_GPU else 32, False)
+    lengths = [4000, 2111] if ON_GPU else [230, 70]
+    h, d = (4, 128) if ON_GPU else (2, 64)
+    cache = filled_cache(fmt, lengths, h, d, torch.float16, True, True, seed=11 + bits)
+    q = _randn((2, h, 3, d), 12, torch.float16)
+    nk, nv = _randn((2, h, 3, d), 13, torch.float16), _randn((2, h, 3, d), 14, torch.float16)
+    nan_out_memory(q.shape, torch.float16)
+    out = cache_attention(q, cache, fmt, nk, nv, softcap=20.0)
+    assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv, softcap=20.0))
+
+
 def test_empty_cache_and_padding_rows():
     """Nothing stored: a query sees only the step's tokens; left-padded rows return zeros."""
     fmt = CacheFormat(2, 32, 32, True)
