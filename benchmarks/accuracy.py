@@ -158,20 +158,20 @@ def report(out: Path) -> str:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 5))
-        for col in cols:
-            xs, ys, names = [], [], []
-            for name, r in by[col].items():
-                if name == "bf16":
-                    continue
-                xs.append(r["bits"])
-                ys.append(max(r["delta_pct"], 0.01))
-                names.append(name)
-            ax.scatter(xs, ys, label=f"{col[0]} C={col[1]}")
-            for x, y, n in zip(xs, ys, names):
-                ax.annotate(n, (x, y), fontsize=6, alpha=0.7)
+        named = {"KIVI-2", "OScaR-paper-2", "auto-2", "quanto-2", "KIVI-4", "OScaR-paper-4", "auto-4", "quanto-4"}
+        markers = "osD^v<>"
+        for j, col in enumerate(cols):
+            rows = [r for name, r in by[col].items() if name != "bf16"]
+            ax.scatter([r["bits"] for r in rows], [r["delta_pct"] for r in rows], marker=markers[j % len(markers)],
+                       label=f"{col[0]} C={col[1]}", alpha=0.8)
+            for r in rows:
+                if r["method"] in named:
+                    ax.annotate(r["method"], (r["bits"], r["delta_pct"]), fontsize=6, alpha=0.8,
+                                xytext=(4, 0), textcoords="offset points")
         ax.set_xlabel("stored bits per K/V element")
         ax.set_ylabel("perplexity increase over bf16 cache (%)")
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_title("2-bit rows at ~3 bits: unlabeled dots are single switches / pairs", fontsize=8)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
