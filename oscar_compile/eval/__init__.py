@@ -42,6 +42,7 @@ def standard_methods() -> list[KVMethod]:
         _oscar("auto-2", rk=AUTO, rv=True, ts=True),
         _oscar("auto+sink-2", rk=AUTO, rv=True, ts=True, sink=1),
         _oscar("autoRS-2", rk=AUTO, rv=True, ts=AUTO),
+        KVMethod("auto-keysonly-2", "oscar", OScaRConfig.adaptive(), 2, use_queries=False),
         _oscar("KIVI-4", bits=4),
         _oscar("OScaR-paper-4", bits=4, rk=True, rv=True, ts=True),
         _oscar("auto-4", bits=4, rk=AUTO, rv=True, ts=True),

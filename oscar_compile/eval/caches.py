@@ -38,6 +38,7 @@ class KVMethod:
     config: OScaRConfig | None = None
     nbits: int = 16
     sink_tokens: int = 0  # leading tokens kept at full precision (data-free "attention sink" idea)
+    use_queries: bool = True  # "auto" decisions see the prompt's queries (False: keys-only proxy)
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -200,7 +201,7 @@ def make_cache(method: KVMethod, model_config, prefill_kv=None, store_dtype=torc
     cache = FakeQuantCache(method, n_layers, store_dtype)
     if prefill_kv is not None:
         for layer, (k, v, *q) in zip(cache.layers, prefill_kv):
-            layer.seed(k, v, q[0] if q else None)
+            layer.seed(k, v, q[0] if q and method.use_queries else None)
     return cache
 
 
