@@ -56,15 +56,13 @@ LLAMA8B_WEIGHT_BYTES = 16.06e9  # bf16 parameters of Llama-3.1-8B, read once per
 LAYERS = 32
 # stage-1 variants tried by --sweep (on top of the current kernels.cache_attention.TUNING)
 SWEEP = [
-    dict(programs_per_sm=3),
-    dict(programs_per_sm=6),
-    dict(programs_per_sm=8),
-    dict(maxnreg=None),
-    dict(maxnreg=128),
-    dict(num_warps=8, maxnreg=None, programs_per_sm=2),
     dict(num_stages=2),
-    dict(asm=False),
-    dict(block_n=64),
+    dict(num_stages=3),
+    dict(maxnreg=96),
+    dict(early_loads=True),
+    dict(early_loads=True, maxnreg=168),
+    dict(residual_splits=1),
+    dict(min_tiles=4),
 ]
 COMPARE = None  # --compare MODULE: another cache_attention implementation timed as column "cmp"
 
@@ -214,23 +212,22 @@ def bench_append(batch, copy_bw, attn_us_by_ctx):
     return out
 
 
-def sweep(copy_bw):
-    """Stage-1 launch parameters at batch 1, 128K, 32/8 heads, D=128, 2 bits."""
+def sweep(copy_bw, contexts=(8192, 131072)):
+    """Stage-1 launch parameters at batch 1, 32/8 heads, D=128, 2 bits; best by the longest context."""
     results = []
     configs = [dict(cache_attention_module.TUNING)]  # the current defaults first
     configs += [dict(configs[0], **cfg) for cfg in SWEEP]
     for cfg in configs:
         cache_attention_module.TUNING.update(cfg)
         try:
-            row = bench_case("llama8b", 1, 131072, [2], copy_bw, sdpa=False)
-            results.append((row["oscar2"], dict(cache_attention_module.TUNING)))
+            times = [bench_case("llama8b", 1, ctx, [2], copy_bw, sdpa=False)["oscar2"] for ctx in contexts]
+            results.append((times, dict(cache_attention_module.TUNING)))
+            print(f"  sweep {' / '.join(f'{t:7.1f}' for t in times)} us  {cfg}", flush=True)
         except Exception as exc:
-            print("sweep config failed", cfg, type(exc).__name__, str(exc)[:200])
-    for us, cfg in sorted(results, key=lambda x: x[0]):
-        print(f"  sweep {us:8.1f} us  {cfg}")
-    best = min(results, key=lambda x: x[0])
+            print("sweep config failed", cfg, type(exc).__name__, str(exc)[:200], flush=True)
+    best = min(results, key=lambda x: x[0][-1])
     cache_attention_module.TUNING.update(best[1])
-    print("sweep best:", best)
+    print(f"sweep best (contexts {contexts}):", best, flush=True)
     return results
 
 

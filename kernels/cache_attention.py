@@ -129,12 +129,12 @@ def cache_attention_ref(
 # ---------------------------------------------------------------------------------------------------
 # Triton split-K ("flash-decoding") attention over the packed cache
 #
-# stage 1, _cache_attn_split_kernel, grid (B * Hkv, SPLITS + 1, row blocks). Programs split < SPLITS
-#   each stream one slice of the quantized prefix [0, Q); program split == SPLITS attends to the
-#   full-precision residual window and the step's new tokens (original space, fp32, causal). Each
-#   writes its normalized partial output and log2-sum-exp (fp32 scratch).
+# stage 1, _cache_attn_split_kernel, grid (B * Hkv, SPLITS + RSPLITS, row blocks). Programs split < SPLITS
+#   each stream one slice of the quantized prefix [0, Q); the RSPLITS programs after them each attend
+#   to a slice of the full-precision residual window (the last one also to the step's new tokens;
+#   original space, fp32, causal). Each writes its normalized partial output and log2-sum-exp (fp32).
 # stage 2, _cache_attn_merge_kernel, grid (B * Hkv, GROUP * T_q): merges the quantized splits by LSE,
-#   applies the inverse value rotation H once, then merges in the residual partial (one shot).
+#   applies the inverse value rotation H once, then merges in the residual partials (one shot).
 #
 # The quantized stage never dequantizes keys and never reshapes a tile:
 # * Rows. A program serves RB query rows (row = i * GROUP + g: all query heads of its kv head, so the
@@ -255,6 +255,26 @@ def _value_subset(acc0, acc1, acc2, acc3, p, vb, vmn, vsc, BITS: tl.constexpr, A
 
 
 @triton.jit
+def _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc_offs, vm_offs, c_ok3, e_ok3, tok,  #
+                       n_quant, EVEN_C: tl.constexpr, MASK_N: tl.constexpr):  # fmt: skip
+    # value bytes [NS, NGV, JG] and group parameters [NS, NGV, 1] of token subset i (rows t0 + PB * j + i)
+    if EVEN_C and not MASK_N:
+        vb = tl.load(val_codes_h + (t0 + i) * svct + vc_offs)
+        vmn = tl.load(val_mn_h + (t0 + i) * svmt + vm_offs)
+        vsc = tl.load(val_scale_h + (t0 + i) * svmt + vm_offs)
+    else:
+        v_mask = c_ok3
+        p_mask = e_ok3
+        if MASK_N:
+            v_mask = v_mask & (tok + i < n_quant)[:, None, None]
+            p_mask = p_mask & (tok + i < n_quant)[:, None, None]
+        vb = tl.load(val_codes_h + (t0 + i) * svct + vc_offs, mask=v_mask, other=0)
+        vmn = tl.load(val_mn_h + (t0 + i) * svmt + vm_offs, mask=p_mask, other=0.0)
+        vsc = tl.load(val_scale_h + (t0 + i) * svmt + vm_offs, mask=p_mask, other=0.0)
+    return vb, vmn, vsc
+
+
+@triton.jit
 def _store_group_merged(acc, m_i, l_i, k, o_ptrs, lse_ptrs, row_ok, col_ok,  #
                         NGT: tl.constexpr, RB: tl.constexpr, VC: tl.constexpr, PB: tl.constexpr,  #
                         STORE_LSE: tl.constexpr):  # fmt: skip
@@ -322,9 +342,9 @@ def _cache_attn_split_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
     LOG2_HB: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr,  #
     RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, VC: tl.constexpr,  #
-    SPLITS: tl.constexpr,  #
+    SPLITS: tl.constexpr, RSPLITS: tl.constexpr,  #
     HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,  #
-    ASM: tl.constexpr,  #
+    ASM: tl.constexpr, EARLY: tl.constexpr,  #
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -339,7 +359,7 @@ def _cache_attn_split_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     EVEN_C: tl.constexpr = EVEN_D and VC * PB == D_PAD  # value byte columns need no mask
     MASK_N: tl.constexpr = (R % BLOCK_N) != 0
-    SPARTS: tl.constexpr = SPLITS + 1
+    SPARTS: tl.constexpr = SPLITS + RSPLITS
 
     length = tl.minimum(tl.load(lengths + b), MAX_LEN)
     n_quant = length // R * R
@@ -434,6 +454,16 @@ def _cache_attn_split_kernel(
                 if MASK_N:
                     kc_mask = kc_mask & (tok < n_quant)[:, None]
                 kb = tl.load(key_codes_h + (t0 // PB) * skct + kc_offs, mask=kc_mask, other=0)
+            if EARLY:  # every load of the tile before any math on it (one memory latency per tile)
+                vb0, vmn0, vsc0 = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, 0, svct, svmt, vc_offs, vm_offs,
+                                                     c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
+                vb1, vmn1, vsc1 = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, 1, svct, svmt, vc_offs, vm_offs,
+                                                     c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
+                if BITS == 2:
+                    vb2, vmn2, vsc2 = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, 2, svct, svmt, vc_offs,
+                                                         vm_offs, c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
+                    vb3, vmn3, vsc3 = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, 3, svct, svmt, vc_offs,
+                                                         vm_offs, c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
             s0 = _key_subset_scores(kb, 0, qt, bias, key_norms_b + (t0 + 0) * sknt + nrm_offs, scl, gsel, tok, q_pos, n_quant, softcap, window,
                                     BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
             s1 = _key_subset_scores(kb, 1, qt, bias, key_norms_b + (t0 + 1) * sknt + nrm_offs, scl, gsel, tok + 1, q_pos, n_quant, softcap,
@@ -469,22 +499,21 @@ def _cache_attn_split_kernel(
                     p = p2
                 else:
                     p = p3
-                if EVEN_C and not MASK_N:
-                    vb = tl.load(val_codes_h + (t0 + i) * svct + vc_offs)
-                    vmn = tl.load(val_mn_h + (t0 + i) * svmt + vm_offs)
-                    vsc = tl.load(val_scale_h + (t0 + i) * svmt + vm_offs)
+                if EARLY:
+                    if i == 0:
+                        vb, vmn, vsc = vb0, vmn0, vsc0
+                    elif i == 1:
+                        vb, vmn, vsc = vb1, vmn1, vsc1
+                    elif i == 2:
+                        vb, vmn, vsc = vb2, vmn2, vsc2
+                    else:
+                        vb, vmn, vsc = vb3, vmn3, vsc3
                 else:
-                    v_mask = c_ok3
-                    p_mask = e_ok3
-                    if MASK_N:
-                        v_mask = v_mask & (tok + i < n_quant)[:, None, None]
-                        p_mask = p_mask & (tok + i < n_quant)[:, None, None]
-                    vb = tl.load(val_codes_h + (t0 + i) * svct + vc_offs, mask=v_mask, other=0)
-                    vmn = tl.load(val_mn_h + (t0 + i) * svmt + vm_offs, mask=p_mask, other=0.0)
-                    vsc = tl.load(val_scale_h + (t0 + i) * svmt + vm_offs, mask=p_mask, other=0.0)
+                    vb, vmn, vsc = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc_offs,
+                                                      vm_offs, c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
                 acc0, acc1, acc2, acc3 = _value_subset(acc0, acc1, acc2, acc3, p.to(tl.float16), vb, vmn, vsc, BITS, ASM)
 
-        # partials of the real rows: [B * Hkv, GROUP * T_Q, SPLITS + 1, D_PAD] and [..., SPLITS + 1]
+        # partials of the real rows: [B * Hkv, GROUP * T_Q, SPLITS + RSPLITS, D_PAD] and [..., SPLITS + RSPLITS]
         r_out = mb * RB + tl.arange(0, RB)
         o_ok = r_out // GROUP < T_Q
         slot = (pid_bh * (GROUP * T_Q) + r_out) * SPARTS + split
@@ -512,13 +541,18 @@ def _cache_attn_split_kernel(
         l_i_r = tl.zeros([RB], tl.float32)
         acc_r = tl.zeros([RB, D_PAD], tl.float32)
         cache_ty_r = res_k.dtype.element_ty
-        # residual slots [0, length - n_quant) sit at positions n_quant + r
+        # residual slots [0, length - n_quant) sit at positions n_quant + r; this program takes slots
+        # [rs * R / RSPLITS, (rs + 1) * R / RSPLITS) and the last one also the step's new tokens
+        rs = split - SPLITS
+        r_lo = rs * (R // RSPLITS)
+        r_hi = tl.minimum(r_lo + R // RSPLITS, length - n_quant)
         m_i_r, l_i_r, acc_r = _attend_full(
             res_k + b * srb + h * srh, res_v + b * swb + h * swh, srt, srd, swt, swd,
-            0, length - n_quant, n_quant, qs_r, q_pos_r, m_i_r, l_i_r, acc_r, softcap, window, cache_ty_r,
+            r_lo, r_hi, n_quant, qs_r, q_pos_r, m_i_r, l_i_r, acc_r, softcap, window, cache_ty_r,
             HEAD_DIM, D_PAD, BLOCK_R, SOFTCAP, WINDOW)  # fmt: skip
         if HAS_NEW:  # this step's tokens j in [s, last row's i] at positions length + j - s (causal)
             hi_r = tl.minimum((mb * RB + RB - 1) // GROUP + 1, T_Q)
+            hi_r = tl.where(rs == RSPLITS - 1, hi_r, s)
             m_i_r, l_i_r, acc_r = _attend_full(
                 new_k + b * snb + h * snh, new_v + b * svb + h * svh, snt, snd, svt, svd,
                 s, hi_r, length - s, qs_r, q_pos_r, m_i_r, l_i_r, acc_r, softcap, window, cache_ty_r,
@@ -527,7 +561,7 @@ def _cache_attn_split_kernel(
         o_r = tl.where(has_r[:, None], acc_r / tl.where(has_r, l_i_r, 1.0)[:, None], 0.0)
         lse_r = tl.where(has_r, m_i_r + tl.log2(tl.where(has_r, l_i_r, 1.0)), float("-inf"))
         o_ok_r = qi_r < T_Q
-        slot_r = (pid_bh * (GROUP * T_Q) + row_r) * SPARTS + SPLITS
+        slot_r = (pid_bh * (GROUP * T_Q) + row_r) * SPARTS + split
         tl.store(part_o + slot_r[:, None] * D_PAD + offs_d[None, :], o_r, mask=o_ok_r[:, None])
         tl.store(part_lse + slot_r, lse_r, mask=o_ok_r)
 
@@ -537,7 +571,7 @@ def _cache_attn_merge_kernel(
     part_o, part_lse, skip, out, T_Q, hscale,  #
     sob, soh, sot, sod,  #
     HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
-    LOG2_HB: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,  #
+    LOG2_HB: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, RSPLITS: tl.constexpr,  #
     ROTATE_V: tl.constexpr, HAS_SKIP: tl.constexpr,  #
 ):
     # one program per (sequence, kv head, query row = i * GROUP + g)
@@ -556,7 +590,7 @@ def _cache_attn_merge_kernel(
     if qi < s:  # left padding: zeros
         tl.store(o_ptrs, _to_dtype(tl.zeros([D_PAD], tl.float32), out.dtype.element_ty), mask=d_ok)
         return
-    base = (pid_bh * (GROUP * T_Q) + row) * (SPLITS + 1)
+    base = (pid_bh * (GROUP * T_Q) + row) * (SPLITS + RSPLITS)
     # 1. merge the splits of the quantized prefix by their log2-sum-exp (one load of all splits)
     sp = tl.arange(0, SPLITS_P2)
     lse = tl.load(part_lse + base + sp, mask=sp < SPLITS, other=float("-inf"))
@@ -570,31 +604,40 @@ def _cache_attn_merge_kernel(
     if ROTATE_V:  # back from the rotated value space: o = o' H
         o_q = tl.reshape(_fwht_rows(tl.reshape(o_q, (1, D_PAD)), 1, D_PAD, LOG2_HB), (D_PAD,)) * hscale
     lse_q = tl.where(has_q, m_q + tl.log2(tl.where(has_q, l_q, 1.0)), float("-inf"))
-    # 2. the residual + new tokens partial (original space)
-    lse_r = tl.load(part_lse + base + SPLITS)
-    o_r = tl.load(part_o + (base + SPLITS) * D_PAD + offs_d)
-    m = tl.maximum(lse_q, lse_r)
+    # 2. the residual + new tokens partials (original space)
+    rp = tl.arange(0, RSPLITS)
+    lse_r = tl.load(part_lse + base + SPLITS + rp)
+    o_r = tl.load(part_o + (base + SPLITS + rp)[:, None] * D_PAD + offs_d[None, :])
+    m = tl.maximum(lse_q, tl.max(lse_r, axis=0))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     wq = tl.exp2(lse_q - m_safe)
     wr = tl.exp2(lse_r - m_safe)
-    l = wq + wr
-    o = tl.where(l > 0, (wq * tl.where(has_q, o_q, 0.0) + wr * o_r) / tl.where(l > 0, l, 1.0), 0.0)
+    l = wq + tl.sum(wr, axis=0)
+    o_sum = wq * tl.where(has_q, o_q, 0.0) + tl.sum(wr[:, None] * o_r, axis=0)
+    o = tl.where(l > 0, o_sum / tl.where(l > 0, l, 1.0), 0.0)
     tl.store(o_ptrs, _to_dtype(o, out.dtype.element_ty), mask=d_ok)
 
 
 def num_kv_splits(
-    batch: int, kv_heads: int, row_blocks: int, max_len: int, num_sms: int, block_n: int, programs_per_sm: int = 2
+    batch: int,
+    kv_heads: int,
+    row_blocks: int,
+    max_len: int,
+    num_sms: int,
+    block_n: int,
+    programs_per_sm: int = 2,
+    min_tiles: int = 4,
 ) -> int:
     """Splits of the quantized prefix per (sequence, kv head, row block): a pure function of static sizes.
 
     Aims at about ``programs_per_sm`` programs per multiprocessor over ``batch * kv_heads * row_blocks``
-    programs, never fewer than 4 tiles of ``block_n`` tokens per split at a full cache, at most 64.
+    programs, never fewer than ``min_tiles`` tiles of ``block_n`` tokens per split at a full cache, at most 64.
     Depends on the cache capacity, not on the (device-side) lengths, so it is fixed for a captured
     decode step.
     """
     programs = max(1, batch * kv_heads * row_blocks)
     want = -(-programs_per_sm * num_sms // programs)
-    cap = max(1, max_len // (4 * block_n))
+    cap = max(1, max_len // (min_tiles * block_n))
     return max(1, min(want, cap, 64))
 
 
@@ -603,7 +646,8 @@ _SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 # Launch parameters of the split (stage 1) kernel; benchmarks/decode_attention.py --sweep explores them.
 # Keyed on nothing that changes per step (never on sequence length). "block_n": tokens per tile
 # (NGT = block_n / group_size groups); "rows": query rows per program (RB; tile rows = NGT * RB).
-TUNING = {"block_n": 128, "rows": 16, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "maxnreg": 168, "asm": True}
+TUNING = {"block_n": 128, "rows": 16, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "maxnreg": 128, "asm": True, "min_tiles": 1, "residual_splits": 4,
+          "early_loads": False}
 
 
 @torch.no_grad()
@@ -662,16 +706,21 @@ def cache_attention(
     ngt = block_n // g
     rb = max(min(next_pow2(rows), max(TUNING["rows"], 1)), -(-16 // ngt))
     num_mb = -(-rows // rb)
-    splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n, TUNING["programs_per_sm"])
-    part_o = torch.empty((bsz, hkv, rows, splits + 1, d_pad), dtype=torch.float32, device=query.device)
-    part_lse = torch.empty((bsz, hkv, rows, splits + 1), dtype=torch.float32, device=query.device)
+    splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n,
+                           TUNING["programs_per_sm"], TUNING["min_tiles"])  # fmt: skip
+    rsplits = max(1, min(TUNING["residual_splits"], r // 32))  # powers of two: r is a multiple of 32
+    rsplits = 1 << (rsplits.bit_length() - 1)
+    while r % rsplits:
+        rsplits //= 2
+    part_o = torch.empty((bsz, hkv, rows, splits + rsplits, d_pad), dtype=torch.float32, device=query.device)
+    part_lse = torch.empty((bsz, hkv, rows, splits + rsplits), dtype=torch.float32, device=query.device)
     has_skip, has_new = skip is not None, new_keys is not None
     skip_arg = skip if has_skip else cache.lengths
     nk = new_keys if has_new else cache.residual_keys
     nv = new_values if has_new else cache.residual_values
     c = cache
     scalars = (scale, float(softcap or 1.0), int(window or 0), 1.0 / math.sqrt(hb), tq, c.max_len)
-    torch.library.wrap_triton(_cache_attn_split_kernel)[(bsz * hkv, splits + 1, num_mb)](
+    torch.library.wrap_triton(_cache_attn_split_kernel)[(bsz * hkv, splits + rsplits, num_mb)](
         query, c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.value_codes, c.value_mn, c.value_scale,
         c.residual_keys, c.residual_values, nk, nv, c.lengths, skip_arg, c.key_rotated, c.key_scaled,
         part_o, part_lse,
@@ -681,10 +730,10 @@ def cache_attention(
         *c.value_codes.stride(), *c.value_mn.stride(),
         *c.residual_keys.stride(), *c.residual_values.stride(), *nk.stride(), *nv.stride(),
         HKV=hkv, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, LOG2_HB=hb.bit_length() - 1, BITS=bits, G=g, R=r,
-        RB=rb, BLOCK_N=block_n, BLOCK_R=max(1, 8192 // (rb * d_pad)),
+        RB=rb, BLOCK_N=block_n, BLOCK_R=max(1, 8192 // (rb * d_pad)), RSPLITS=rsplits,
         VC=max(16, d_pad // per_byte), SPLITS=splits,
         HAS_SKIP=has_skip, HAS_NEW=has_new, SOFTCAP=softcap is not None, WINDOW=window is not None,
-        ASM=query.device.type == "cuda" and TUNING["asm"],
+        ASM=query.device.type == "cuda" and TUNING["asm"], EARLY=TUNING["early_loads"],
         num_warps=TUNING["num_warps"] if d_pad <= 128 else 8, num_stages=TUNING["num_stages"],
         **({"maxnreg": TUNING["maxnreg"]} if query.device.type == "cuda" and TUNING["maxnreg"] else {}),
     )  # fmt: skip
@@ -692,7 +741,7 @@ def cache_attention(
         part_o, part_lse, skip_arg, out, tq, 1.0 / math.sqrt(hb),
         *out.stride(),
         HKV=hkv, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, LOG2_HB=hb.bit_length() - 1,
-        SPLITS=splits, SPLITS_P2=next_pow2(splits), ROTATE_V=bool(fmt.rotate_values), HAS_SKIP=has_skip,
+        SPLITS=splits, SPLITS_P2=next_pow2(splits), RSPLITS=rsplits, ROTATE_V=bool(fmt.rotate_values), HAS_SKIP=has_skip,
         num_warps=4,
     )  # fmt: skip
     return out
