@@ -9,6 +9,7 @@ from .attention_ref import quantized_attention_ref
 from .cache_attention import cache_attention, cache_attention_ref, num_kv_splits
 from .cache_layout import CacheFormat, CacheTensors, allocate_cache, cache_nbytes
 from .hadamard import hadamard_block_size, hadamard_matrix, hadamard_transform
+from .key_transform import choose_key_flags
 from .packing import SUPPORTED_BITS, codes_per_byte, pack_codes, unpack_codes
 from .quantization import (
     QuantizedKeys,
@@ -34,6 +35,7 @@ __all__ = [
     "cache_attention",
     "cache_attention_ref",
     "cache_nbytes",
+    "choose_key_flags",
     "SUPPORTED_BITS",
     "QuantizedKeys",
     "QuantizedValues",
