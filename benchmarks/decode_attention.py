@@ -58,9 +58,8 @@ LAYERS = 32
 SWEEP = [
     dict(num_stages=2),
     dict(num_stages=3),
-    dict(maxnreg=96),
+    dict(num_stages=3, maxnreg=96),
     dict(early_loads=True),
-    dict(early_loads=True, maxnreg=168),
     dict(residual_splits=1),
     dict(min_tiles=4),
 ]

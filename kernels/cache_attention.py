@@ -20,7 +20,7 @@ from .attention_ref import quantized_attention_ref
 from .cache_layout import CacheFormat, CacheTensors
 from .hadamard import hadamard_block_size
 from .quantization import QuantizedKeys, QuantizedValues
-from .triton_utils import _fwht_rows, _to_dtype, next_pow2, num_sms
+from .triton_utils import _codes_f16, _fwht_rows, _to_dtype, next_pow2, num_sms
 
 __all__ = ["cache_attention", "cache_attention_ref", "check_attention_inputs", "num_kv_splits"]
 
@@ -165,55 +165,6 @@ def _softcap_log2(x, softcap):
     y = x / softcap
     t = 1.0 - 2.0 / (tl.exp2(y * (2.0 * 1.4426950408889634)) + 1.0)
     return t * (softcap * 1.4426950408889634)
-
-
-def _code_asm(shift: int, mask: int) -> str:
-    # 4 packed bytes (one 32-bit register) -> their bit fields [shift, shift + bits) as 4 exact fp16
-    # (two f16x2 registers): byte-permute each field under 0x64 (fp16 1024 + c), then subtract 1024.
-    return (
-        "{ .reg .b32 t, k; "
-        f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask:#010x}; mov.b32 k, 0x64006400; "
-        "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; "
-        "sub.rn.f16x2 $0, $0, k; sub.rn.f16x2 $1, $1, k; }"
-    )
-
-
-_ASM_2_0 = tl.constexpr(_code_asm(0, 0x03030303))
-_ASM_2_2 = tl.constexpr(_code_asm(2, 0x03030303))
-_ASM_2_4 = tl.constexpr(_code_asm(4, 0x03030303))
-_ASM_2_6 = tl.constexpr(_code_asm(6, 0x03030303))
-_ASM_4_0 = tl.constexpr(_code_asm(0, 0x0F0F0F0F))
-_ASM_4_4 = tl.constexpr(_code_asm(4, 0x0F0F0F0F))
-
-
-@triton.jit
-def _codes_asm(packed, asm: tl.constexpr):
-    return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def _codes_f16(packed, BITS: tl.constexpr, I: tl.constexpr, ASM: tl.constexpr):
-    # bit field I (codes at bits BITS*I) of packed uint8 codes -> exact fp16. ASM (compiled CUDA): four
-    # bytes per inline-PTX call, no per-element shifts and no int -> float conversion (quarter-rate
-    # pipe). Otherwise (interpreter): 0x6400 | c is the fp16 number 1024 + c, minus 1024, exact.
-    if ASM:
-        if BITS == 2:
-            if I == 0:
-                return _codes_asm(packed, _ASM_2_0)
-            elif I == 1:
-                return _codes_asm(packed, _ASM_2_2)
-            elif I == 2:
-                return _codes_asm(packed, _ASM_2_4)
-            else:
-                return _codes_asm(packed, _ASM_2_6)
-        else:
-            if I == 0:
-                return _codes_asm(packed, _ASM_4_0)
-            else:
-                return _codes_asm(packed, _ASM_4_4)
-    else:
-        c = (packed >> (BITS * I)) & ((1 << BITS) - 1)
-        return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit
