@@ -54,12 +54,13 @@ BACKENDS = {
 }
 LLAMA8B_WEIGHT_BYTES = 16.06e9  # bf16 parameters of Llama-3.1-8B, read once per decode step
 LAYERS = 32
-# stage-1 variants tried by --sweep (on top of the current kernels.cache_attention.TUNING)
+# stage-1 variants tried by --sweep (on top of the current kernels.cache_attention.TUNING; the H200
+# sweep of 2026-11-28 is in benchmarks/README.md)
 SWEEP = [
+    dict(num_stages=1),
     dict(num_stages=2),
-    dict(num_stages=3),
-    dict(num_stages=3, maxnreg=96),
-    dict(early_loads=True),
+    dict(maxnreg=96),
+    dict(maxnreg=168),
     dict(residual_splits=1),
     dict(min_tiles=4),
 ]

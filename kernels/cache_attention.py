@@ -136,7 +136,8 @@ def cache_attention_ref(
 # stage 2, _cache_attn_merge_kernel, grid (B * Hkv, GROUP * T_q): merges the quantized splits by LSE,
 #   applies the inverse value rotation H once, then merges in the residual partials (one shot).
 #
-# The quantized stage never dequantizes keys and never reshapes a tile:
+# The quantized stage never dequantizes keys and never interleaves bit fields back into token/channel
+# order:
 # * Rows. A program serves RB query rows (row = i * GROUP + g: all query heads of its kv head, so the
 #   packed cache is read once per kv head) times the NGT = BLOCK_N / G quantization groups of a tile:
 #   tile row m = gt * RB + r. Row (gt, r) only scores the tokens of group gt of every tile, so each
@@ -150,8 +151,13 @@ def cache_attention_ref(
 #   (bytes >> BITS*i) & MASK, scored with its own tl.dot; rows of other groups are masked to -inf.
 # * Values are dequantized (fp16 FMA with the per-token, per-32-channel parameters) per token subset i
 #   (rows PB*j + i) and channel subset k (channels PB*c + k, the bit fields of the packed bytes), each a
-#   [BLOCK_N / PB, D / PB] tile; accumulator k holds output channels PB*c + k and is stored to those
-#   columns directly.
+#   [BLOCK_N / PB, D / PB] tile (loaded as [tokens, channel group, byte] so one parameter load serves
+#   a group's bytes); accumulator k holds output channels PB*c + k and is stored to those columns.
+# * Bit fields become fp16 four bytes at a time in inline PTX (triton_utils._codes_f16), in the MMA
+#   operand layout (Triton converts the packed bytes, not the fp16 codes, to that layout).
+# What limits it now (SASS for sm_90 + the H200 sweep): ~6 instructions per cached element per tile,
+# mostly the value path (bytes of 4 token rows regathered per MMA fragment, parameters broadcast
+# through shared memory) and ~60 barriers per tile; latency-bound at 4 CTAs per SM.
 # Large T_q (prefill chunks) runs the same kernels (more row blocks): correct for any T_q, but each row
 # block re-reads the cache and the new-token loop is O(T_q^2) per kv head (prefill speed is not tuned).
 # Measured decode speed on the H200: benchmarks/README.md.
@@ -295,7 +301,7 @@ def _cache_attn_split_kernel(
     RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, VC: tl.constexpr,  #
     SPLITS: tl.constexpr, RSPLITS: tl.constexpr,  #
     HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,  #
-    ASM: tl.constexpr, EARLY: tl.constexpr,  #
+    ASM: tl.constexpr,  #
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -405,16 +411,6 @@ def _cache_attn_split_kernel(
                 if MASK_N:
                     kc_mask = kc_mask & (tok < n_quant)[:, None]
                 kb = tl.load(key_codes_h + (t0 // PB) * skct + kc_offs, mask=kc_mask, other=0)
-            if EARLY:  # every load of the tile before any math on it (one memory latency per tile)
-                vb0, vmn0, vsc0 = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, 0, svct, svmt, vc_offs, vm_offs,
-                                                     c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
-                vb1, vmn1, vsc1 = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, 1, svct, svmt, vc_offs, vm_offs,
-                                                     c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
-                if BITS == 2:
-                    vb2, vmn2, vsc2 = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, 2, svct, svmt, vc_offs,
-                                                         vm_offs, c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
-                    vb3, vmn3, vsc3 = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, 3, svct, svmt, vc_offs,
-                                                         vm_offs, c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
             s0 = _key_subset_scores(kb, 0, qt, bias, key_norms_b + (t0 + 0) * sknt + nrm_offs, scl, gsel, tok, q_pos, n_quant, softcap, window,
                                     BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
             s1 = _key_subset_scores(kb, 1, qt, bias, key_norms_b + (t0 + 1) * sknt + nrm_offs, scl, gsel, tok + 1, q_pos, n_quant, softcap,
@@ -450,18 +446,8 @@ def _cache_attn_split_kernel(
                     p = p2
                 else:
                     p = p3
-                if EARLY:
-                    if i == 0:
-                        vb, vmn, vsc = vb0, vmn0, vsc0
-                    elif i == 1:
-                        vb, vmn, vsc = vb1, vmn1, vsc1
-                    elif i == 2:
-                        vb, vmn, vsc = vb2, vmn2, vsc2
-                    else:
-                        vb, vmn, vsc = vb3, vmn3, vsc3
-                else:
-                    vb, vmn, vsc = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc_offs,
-                                                      vm_offs, c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
+                vb, vmn, vsc = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc_offs, vm_offs,
+                                                  c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
                 acc0, acc1, acc2, acc3 = _value_subset(acc0, acc1, acc2, acc3, p.to(tl.float16), vb, vmn, vsc, BITS, ASM)
 
         # partials of the real rows: [B * Hkv, GROUP * T_Q, SPLITS + RSPLITS, D_PAD] and [..., SPLITS + RSPLITS]
@@ -596,9 +582,23 @@ _SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 # Launch parameters of the split (stage 1) kernel; benchmarks/decode_attention.py --sweep explores them.
 # Keyed on nothing that changes per step (never on sequence length). "block_n": tokens per tile
-# (NGT = block_n / group_size groups); "rows": query rows per program (RB; tile rows = NGT * RB).
-TUNING = {"block_n": 128, "rows": 16, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "maxnreg": 128, "asm": True, "min_tiles": 1, "residual_splits": 4,
-          "early_loads": False}
+# (NGT = block_n / group_size groups); "rows": query rows per program (RB; tile rows = NGT * RB);
+# "maxnreg": register cap per thread (occupancy: the loop is latency-bound, and 4 CTAs per SM at 128
+# registers with a few spills beat 3 CTAs at 168 without, 152 vs 219 us at 128K); "asm": inline-PTX
+# code expansion; "min_tiles": fewest tiles per split at a full cache; "residual_splits": programs
+# sharing the full-precision residual window. Defaults: the best of the H200 sweep of 2026-11-28
+# (batch 1, 32/8 heads, D=128, INT2, 8K and 128K; benchmarks/README.md).
+TUNING = {
+    "block_n": 128,
+    "rows": 16,
+    "num_warps": 4,
+    "num_stages": 3,
+    "programs_per_sm": 4,
+    "maxnreg": 128,
+    "asm": True,
+    "min_tiles": 1,
+    "residual_splits": 4,
+}
 
 
 @torch.no_grad()
@@ -618,12 +618,14 @@ def cache_attention(
 
     query ``[B, Hq, T, D]`` fp16/bf16/fp32, new keys/values ``[B, Hkv, T, D]`` or None ->
     ``[B, Hq, T, D]`` contiguous, query dtype. head_dim 32, 64, 96, 128 or 256. Two launches (split-K
-    stage over the quantized prefix, merge stage with the residual and new tokens); scratch for the
-    partials is allocated here from static sizes; no host synchronization.
+    stage over the quantized prefix and, in extra programs, the residual and new tokens; merge stage);
+    scratch for the partials is allocated here from static sizes; no host synchronization.
 
-    Numerics: the quantized part dots fp16 operands (query rotated and pre-scaled by the softmax scale,
-    keys/values dequantized from their fp16 group parameters) with fp32 accumulation; softmax, merge,
-    residual and new tokens are fp32. A query whose scaled value exceeds the fp16 range is not supported.
+    Numerics: the quantized part dots fp16 operands with fp32 accumulation: for keys the rotated,
+    pre-scaled query times each group's fp16 scale (rounded to fp16 once) against the exact integer
+    codes, plus the fp32 bias query . group minimum; for values the probabilities against values
+    dequantized in fp16 from their group parameters. Softmax, merge, residual and new tokens are fp32.
+    A query whose scaled value (or its product with a key scale) exceeds the fp16 range is not supported.
     """
     if (new_keys is None) != (new_values is None):
         raise ValueError("new_keys and new_values must both be given or both be None")
@@ -684,7 +686,7 @@ def cache_attention(
         RB=rb, BLOCK_N=block_n, BLOCK_R=max(1, 8192 // (rb * d_pad)), RSPLITS=rsplits,
         VC=max(16, d_pad // per_byte), SPLITS=splits,
         HAS_SKIP=has_skip, HAS_NEW=has_new, SOFTCAP=softcap is not None, WINDOW=window is not None,
-        ASM=query.device.type == "cuda" and TUNING["asm"], EARLY=TUNING["early_loads"],
+        ASM=query.device.type == "cuda" and TUNING["asm"],
         num_warps=TUNING["num_warps"] if d_pad <= 128 else 8, num_stages=TUNING["num_stages"],
         **({"maxnreg": TUNING["maxnreg"]} if query.device.type == "cuda" and TUNING["maxnreg"] else {}),
     )  # fmt: skip
