@@ -266,7 +266,8 @@ def _attend_full(kb, vb, st_k, sd_k, st_v, sd_v, first, hi, base_pos, qs, q_pos,
         r = r0 + tl.arange(0, BLOCK_R)
         r_ok = r < hi
         kv_mask = r_ok[:, None] & d_ok[None, :]
-        kt = _to_dtype(tl.load(kb + r[:, None] * st_k + offs_d[None, :] * sd_k, mask=kv_mask, other=0.0), cache_ty).to(tl.float32)
+        kt = tl.load(kb + r[:, None] * st_k + offs_d[None, :] * sd_k, mask=kv_mask, other=0.0)
+        kt = _to_dtype(kt, cache_ty).to(tl.float32)
         sc = tl.sum(qs[:, None, :] * kt[None, :, :], axis=2)
         if SOFTCAP:
             sc = _softcap_log2(sc, softcap)
@@ -280,7 +281,8 @@ def _attend_full(kb, vb, st_k, sd_k, st_v, sd_v, first, hi, base_pos, qs, q_pos,
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(sc - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = _to_dtype(tl.load(vb + r[:, None] * st_v + offs_d[None, :] * sd_v, mask=kv_mask, other=0.0), cache_ty).to(tl.float32)
+        vt = tl.load(vb + r[:, None] * st_v + offs_d[None, :] * sd_v, mask=kv_mask, other=0.0)
+        vt = _to_dtype(vt, cache_ty).to(tl.float32)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
         m_i = m_new
     return m_i, l_i, acc
@@ -411,16 +413,20 @@ def _cache_attn_split_kernel(
                 if MASK_N:
                     kc_mask = kc_mask & (tok < n_quant)[:, None]
                 kb = tl.load(key_codes_h + (t0 // PB) * skct + kc_offs, mask=kc_mask, other=0)
-            s0 = _key_subset_scores(kb, 0, qt, bias, key_norms_b + (t0 + 0) * sknt + nrm_offs, scl, gsel, tok, q_pos, n_quant, softcap, window,
+            s0 = _key_subset_scores(kb, 0, qt, bias, key_norms_b + (t0 + 0) * sknt + nrm_offs,
+                                    scl, gsel, tok, q_pos, n_quant, softcap, window,
                                     BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
-            s1 = _key_subset_scores(kb, 1, qt, bias, key_norms_b + (t0 + 1) * sknt + nrm_offs, scl, gsel, tok + 1, q_pos, n_quant, softcap,
-                                    window, BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
+            s1 = _key_subset_scores(kb, 1, qt, bias, key_norms_b + (t0 + 1) * sknt + nrm_offs,
+                                    scl, gsel, tok + 1, q_pos, n_quant, softcap, window,
+                                    BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
             mx = tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1))
             if BITS == 2:
-                s2 = _key_subset_scores(kb, 2, qt, bias, key_norms_b + (t0 + 2) * sknt + nrm_offs, scl, gsel, tok + 2, q_pos, n_quant,
-                                        softcap, window, BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
-                s3 = _key_subset_scores(kb, 3, qt, bias, key_norms_b + (t0 + 3) * sknt + nrm_offs, scl, gsel, tok + 3, q_pos, n_quant,
-                                        softcap, window, BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
+                s2 = _key_subset_scores(kb, 2, qt, bias, key_norms_b + (t0 + 2) * sknt + nrm_offs,
+                                        scl, gsel, tok + 2, q_pos, n_quant, softcap, window,
+                                        BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
+                s3 = _key_subset_scores(kb, 3, qt, bias, key_norms_b + (t0 + 3) * sknt + nrm_offs,
+                                        scl, gsel, tok + 3, q_pos, n_quant, softcap, window,
+                                        BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
                 mx = tl.maximum(mx, tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
             m_new = tl.maximum(m_i, mx)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -446,9 +452,10 @@ def _cache_attn_split_kernel(
                     p = p2
                 else:
                     p = p3
-                vb, vmn, vsc = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc_offs, vm_offs,
-                                                  c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
-                acc0, acc1, acc2, acc3 = _value_subset(acc0, acc1, acc2, acc3, p.to(tl.float16), vb, vmn, vsc, BITS, ASM)
+                vb, vmn, vsc = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc_offs,
+                                                  vm_offs, c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
+                acc0, acc1, acc2, acc3 = _value_subset(acc0, acc1, acc2, acc3, p.to(tl.float16), vb, vmn, vsc,
+                                                       BITS, ASM)  # fmt: skip
 
         # partials of the real rows: [B * Hkv, GROUP * T_Q, SPLITS + RSPLITS, D_PAD] and [..., SPLITS + RSPLITS]
         r_out = mb * RB + tl.arange(0, RB)
@@ -694,7 +701,8 @@ def cache_attention(
         part_o, part_lse, skip_arg, out, tq, 1.0 / math.sqrt(hb),
         *out.stride(),
         HKV=hkv, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, LOG2_HB=hb.bit_length() - 1,
-        SPLITS=splits, SPLITS_P2=next_pow2(splits), RSPLITS=rsplits, ROTATE_V=bool(fmt.rotate_values), HAS_SKIP=has_skip,
+        SPLITS=splits, SPLITS_P2=next_pow2(splits), RSPLITS=rsplits, ROTATE_V=bool(fmt.rotate_values),
+        HAS_SKIP=has_skip,
         num_warps=4,
     )  # fmt: skip
     return out
