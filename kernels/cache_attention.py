@@ -590,8 +590,9 @@ _SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 # Launch parameters of the split (stage 1) kernel; benchmarks/decode_attention.py --sweep explores them.
 # Keyed on nothing that changes per step (never on sequence length). "block_n": tokens per tile
 # (NGT = block_n / group_size groups); "rows": query rows per program (RB; tile rows = NGT * RB);
-# "maxnreg": register cap per thread (occupancy: the loop is latency-bound, and 4 CTAs per SM at 128
-# registers with a few spills beat 3 CTAs at 168 without, 152 vs 219 us at 128K); "asm": inline-PTX
+# "maxnreg": register cap per thread, head_dim 128 only (occupancy: the loop is latency-bound, and 4 CTAs
+# per SM at 128 registers with a few spills beat 3 CTAs at 168 without, 152 vs 219 us at 128K; head_dim
+# 64 spills ~3x more under the same cap and was not measured, so other sizes run uncapped); "asm": inline-PTX
 # code expansion; "min_tiles": fewest tiles per split at a full cache; "residual_splits": programs
 # sharing the full-precision residual window. Defaults: the best of the H200 sweep of 2026-11-28
 # (batch 1, 32/8 heads, D=128, INT2, 8K and 128K; benchmarks/README.md).
@@ -680,6 +681,7 @@ def cache_attention(
     nv = new_values if has_new else cache.residual_values
     c = cache
     scalars = (scale, float(softcap or 1.0), int(window or 0), 1.0 / math.sqrt(hb), tq, c.max_len)
+    cap_regs = query.device.type == "cuda" and bool(TUNING["maxnreg"]) and d_pad == 128
     torch.library.wrap_triton(_cache_attn_split_kernel)[(bsz * hkv, splits + rsplits, num_mb)](
         query, c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.value_codes, c.value_mn, c.value_scale,
         c.residual_keys, c.residual_values, nk, nv, c.lengths, skip_arg, c.key_rotated, c.key_scaled,
@@ -695,7 +697,8 @@ def cache_attention(
         HAS_SKIP=has_skip, HAS_NEW=has_new, SOFTCAP=softcap is not None, WINDOW=window is not None,
         ASM=query.device.type == "cuda" and TUNING["asm"],
         num_warps=TUNING["num_warps"] if d_pad <= 128 else 8, num_stages=TUNING["num_stages"],
-        **({"maxnreg": TUNING["maxnreg"]} if query.device.type == "cuda" and TUNING["maxnreg"] else {}),
+        # the register cap was measured for head_dim 128 only (other sizes spill more under it)
+        **({"maxnreg": TUNING["maxnreg"]} if cap_regs else {}),
     )  # fmt: skip
     torch.library.wrap_triton(_cache_attn_merge_kernel)[(bsz * hkv, rows)](
         part_o, part_lse, skip_arg, out, tq, 1.0 / math.sqrt(hb),

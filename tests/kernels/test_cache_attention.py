@@ -157,6 +157,21 @@ def test_decode_partial_tiles_and_small_gqa(bits):
     assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv, softcap=20.0))
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decode_wide_heads(bits):
+    """head_dim 256 (8 value channel groups, 8 warps) with 2 query heads per kv head, bf16."""
+    fmt = CacheFormat(bits, 32, 128 if ON_GPU else 32, True)
+    lengths = [3000, 700] if ON_GPU else [100, 45]
+    h, d = 2, 256
+    rot = torch.tensor([True, False], device=DEVICE)
+    cache = filled_cache(fmt, lengths, h, d, torch.bfloat16, rot, True, seed=21 + bits)
+    q = _randn((2, 2 * h, 1, d), 22, torch.bfloat16)
+    nk, nv = _randn((2, h, 1, d), 23, torch.bfloat16), _randn((2, h, 1, d), 24, torch.bfloat16)
+    nan_out_memory(q.shape, torch.bfloat16)
+    out = cache_attention(q, cache, fmt, nk, nv)
+    assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv))
+
+
 def test_empty_cache_and_padding_rows():
     """Nothing stored: a query sees only the step's tokens; left-padded rows return zeros."""
     fmt = CacheFormat(2, 32, 32, True)
