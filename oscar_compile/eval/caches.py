@@ -11,7 +11,7 @@ it once per window and seeds each method's cache with its keys/values (``seed``)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -39,7 +39,6 @@ class KVMethod:
     nbits: int = 16
     sink_tokens: int = 0  # leading tokens kept at full precision (data-free "attention sink" idea)
     use_queries: bool = True  # "auto" decisions see the prompt's queries (False: keys-only proxy)
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 def fake_keys(k: torch.Tensor, bits: int, group_size: int, rotated: torch.Tensor, scaled: torch.Tensor):

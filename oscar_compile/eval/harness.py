@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import time
 from dataclasses import dataclass
 
 import torch
@@ -229,13 +228,6 @@ def passkey(
     return out
 
 
-class Timer:
-    def __init__(self):
-        self.t0 = time.perf_counter()
-
-    def __call__(self) -> float:
-        return time.perf_counter() - self.t0
-
-
 def perplexity(total_nll: float, tokens: int) -> float:
+    """``exp(mean NLL)``."""
     return math.exp(total_nll / tokens)
