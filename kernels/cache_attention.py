@@ -162,9 +162,6 @@ def cache_attention_ref(
 # block re-reads the cache and the new-token loop is O(T_q^2) per kv head (prefill speed is not tuned).
 # Measured decode speed on the H200: benchmarks/README.md.
 
-_LOG2E = 1.4426950408889634
-
-
 @triton.jit
 def _softcap_log2(x, softcap):
     # natural-units score -> softcap * tanh(x / softcap), in log2 units. tanh(y) = 1 - 2 / (exp(2y) + 1).
