@@ -535,7 +535,9 @@ def _cache_attn_merge_kernel(
     # 1. merge the splits of the quantized prefix by their log2-sum-exp (one load of all splits)
     sp = tl.arange(0, SPLITS_P2)
     lse = tl.load(part_lse + base + sp, mask=sp < SPLITS, other=float("-inf"))
-    o_s = tl.load(part_o + (base + sp)[:, None] * D_PAD + offs_d[None, :], mask=(sp < SPLITS)[:, None], other=0.0)
+    # (padding channels d >= HEAD_DIM of the quantized partials are never written: masked here)
+    o_s = tl.load(part_o + (base + sp)[:, None] * D_PAD + offs_d[None, :],
+                  mask=(sp < SPLITS)[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
     m_q = tl.max(lse, axis=0)
     mq_safe = tl.where(m_q == float("-inf"), 0.0, m_q)
     w = tl.exp2(lse - mq_safe)
