@@ -148,6 +148,8 @@ def _append_quantize_kernel(
     BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr, ROTATE_V: tl.constexpr,  #
     HAS_SKIP: tl.constexpr, SCALAR_RECIP: tl.constexpr,  #
 ):
+    # Inductor passes Python floats to user Triton kernels as fp64: the codes must come from fp32 math
+    hscale, lscale = tl.cast(hscale, tl.float32), tl.cast(lscale, tl.float32)
     gi = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)

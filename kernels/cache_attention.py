@@ -302,6 +302,8 @@ def _cache_attn_split_kernel(
     HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,  #
     ASM: tl.constexpr,  #
 ):
+    # Inductor passes Python floats to user Triton kernels as fp64; keep all math in fp32
+    qk_scale, softcap, hscale = tl.cast(qk_scale, tl.float32), tl.cast(softcap, tl.float32), tl.cast(hscale, tl.float32)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     mb = tl.program_id(2)
@@ -515,6 +517,7 @@ def _cache_attn_merge_kernel(
     LOG2_HB: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, RSPLITS: tl.constexpr,  #
     ROTATE_V: tl.constexpr, HAS_SKIP: tl.constexpr,  #
 ):
+    hscale = tl.cast(hscale, tl.float32)  # fp64 when launched by Inductor
     # one program per (sequence, kv head, query row = i * GROUP + g)
     pid_bh = tl.program_id(0)
     row = tl.program_id(1)
