@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .kernels.key_transform import FALLBACK_FLAGS
 from .kernels.packing import SUPPORTED_BITS
 
 __all__ = ["AUTO", "OScaRConfig"]
@@ -20,22 +21,25 @@ class OScaRConfig:
         group_size: tokens per key group (per channel) and channels per value group (per token).
         residual_length: newest tokens kept in full precision; a full block of this many is
             quantized at once. A positive multiple of ``group_size``.
-        rotate_keys: Hadamard-rotate keys (and queries) before quantizing; a bool, or ``"auto"``: decided
-            per layer and per kv head from the first quantized block of keys
-            (``kernels.key_transform.choose_key_flags``), then fixed.
+        rotate_keys: Hadamard-rotate keys (and queries) before quantizing; a bool, or ``"auto"`` (the
+            default): decided per layer and per kv head by ``kernels.key_transform.choose_key_flags`` from
+            the keys and queries of the cache's first step (the prompt), then fixed until the cache is reset.
+            A batch shares one decision per layer (flags are per kv head, not per sequence).
         rotate_values: Hadamard-rotate values before quantizing (output rotated back).
         token_scaling: divide each key token by its norm over all kv heads and channels; a bool or
             ``"auto"`` (decided like ``rotate_keys``, jointly with it).
 
-    All three switches on is the paper's OScaR (:meth:`paper`); all off is KIVI (:meth:`kivi`).
+    The default is the adaptive rule (:meth:`adaptive`: key rotation "auto", keys scaled, values rotated), the
+    most robust 2-bit variant measured (benchmarks/README.md, "Accuracy"). All three switches on is the
+    paper's OScaR (:meth:`paper`); all off is KIVI (:meth:`kivi`).
     """
 
     bits: int = 2
     group_size: int = 32
     residual_length: int = 128
-    rotate_keys: bool = True
+    rotate_keys: bool | str = AUTO
     rotate_values: bool = True
-    token_scaling: bool = True
+    token_scaling: bool | str = True
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -59,6 +63,12 @@ class OScaRConfig:
     def adaptive_keys(self) -> bool:
         """True when the key transform is decided at run time (``rotate_keys`` or ``token_scaling`` is auto)."""
         return self.rotate_keys == AUTO or self.token_scaling == AUTO
+
+    @property
+    def initial_key_flags(self) -> tuple[bool, bool]:
+        """``(rotate, scale)`` every kv head holds before an "auto" decision: a fixed setting as given, "auto" as
+        ``choose_key_flags`` decides from fewer than ``group_size`` keys (``FALLBACK_FLAGS``)."""
+        return tuple(f if f != AUTO else fb for f, fb in zip((self.rotate_keys, self.token_scaling), FALLBACK_FLAGS))
 
     @classmethod
     def paper(cls, **overrides) -> "OScaRConfig":

@@ -43,7 +43,11 @@ def resolve_key_flags(keys: torch.Tensor, config: OScaRConfig, queries: torch.Te
 
 
 def fake_quantize(
-    keys: torch.Tensor, values: torch.Tensor, config: OScaRConfig | None = None, queries: torch.Tensor | None = None
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    config: OScaRConfig | None = None,
+    queries: torch.Tensor | None = None,
+    prompt_length: int | None = None,
 ):
     """Return ``(keys_hat, values_hat)``: what attention reads from an OScaR cache holding these tokens.
 
@@ -55,6 +59,11 @@ def fake_quantize(
     step) and ``queries`` ``[B, Hq, Tq, D]`` when given (:func:`resolve_key_flags`), per sequence. So with
     "auto" a longer history may decide differently from a shorter one; the cache decides once, at its first
     quantization, and keeps the flags (pass that history here to reproduce it).
+
+    prompt_length: the OScaR cache decides "auto" at its first step, from that step's keys and queries
+    (``oscar_compile.kv_tensor``); pass the first step's length (and its ``queries``) to decide from
+    ``keys[:, :, :prompt_length]`` instead, which reproduces the cache for batch 1 (a batched cache makes one
+    joint decision for all its sequences). None: the quantized blocks decide, as above.
 
     Raises ValueError for non-finite inputs in the quantized prefix and for values beyond the fp16 range
     of the group parameters (the cache could not represent them).
@@ -75,7 +84,8 @@ def fake_quantize(
         parts = []
         for b in range(keys.shape[0]):
             q_b = None if queries is None else queries[b:b + 1]
-            rotate, scale = resolve_key_flags(head_k[b:b + 1], config, q_b)
+            decide_k = head_k if prompt_length is None else keys[:, :, :prompt_length]
+            rotate, scale = resolve_key_flags(decide_k[b:b + 1], config, q_b)
             parts.append(dequantize_keys(quantize_keys(head_k[b:b + 1], config.bits, config.group_size, rotate, scale), keys.dtype))
         k_deq = torch.cat(parts)
     else:

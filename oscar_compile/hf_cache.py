@@ -24,6 +24,12 @@ module for the write-then-attend mapping). ``update`` records the step's tokens 
   ``max_cache_len`` (no device sync). Inside a compiled region the counter is not read (it would be a
   guard, i.e. a recompile per step); there the append op refuses to overflow (the CPU reference raises
   ``ValueError``; the CUDA kernel must not write past ``max_len``) and the next eager call resyncs it.
+* **Adaptive key flags** (``OScaRConfig()``'s default ``rotate_keys="auto"``): each layer decides its per-kv-head
+  key rotation/scaling at its first step (the prompt) from that step's keys and queries, before attending
+  (``kv_tensor``, "Adaptive key flags"). The layer keeps a host-side bool (``keys_decided``): the first
+  step after allocation or :meth:`OScaRLayer.reset` goes through halves that decide, later steps through
+  halves that do not, so decode never runs the choice. Under torch.compile Dynamo guards on that bool: at
+  most one extra graph (the deciding prefill), no sync, no per-step recompile. A batch shares one decision.
 * ``reorder_cache`` (beam search), ``reset``, ``crop`` (within the residual window only), memory
   accounting (:meth:`OScaRCache.nbytes`, :meth:`OScaRCache.bf16_nbytes`, :meth:`OScaRCache.memory_report`).
 
@@ -80,6 +86,7 @@ class OScaRLayer(CacheLayerMixin):
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
         self.host_length = 0  # the same count on the host, for the overflow check
         self._host_stale = False
+        self.keys_decided = not config.adaptive_keys  # "auto" key flags not chosen yet (the next step decides)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: [B, Hkv, T, D]
@@ -94,10 +101,13 @@ class OScaRLayer(CacheLayerMixin):
             self.batch_size, self.num_heads, self.max_cache_len, self.head_dim, self.config,
             key_states.dtype, self.device, self.window,
         )  # fmt: skip
+        # the same state twice: halves that decide the "auto" key flags (first step) and halves that do not
+        self._deciding = (self.keys, self.values)
+        self.keys, self.values = self.keys.with_key_decision(None), self.values.with_key_decision(None)
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not _is_compiling():  # static addresses: CUDA graphs capture the state in place, no input copies
             # AOTAutograd takes a subclass input's static-ness for all its inner tensors: mark the halves
-            for half in (self.keys, self.values):
+            for half in (self.keys, self.values, *self._deciding):
                 torch._dynamo.mark_static_address(half)
                 for name in half.tensor_data_names:
                     torch._dynamo.mark_static_address(getattr(half, name))
@@ -127,9 +137,13 @@ class OScaRLayer(CacheLayerMixin):
         if positions is None:
             positions = torch.arange(t, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(t)
-        self.keys.index_copy_(2, positions, key_states)
-        self.values.index_copy_(2, positions, value_states)
-        return self.keys, self.values
+        keys, values = self.keys, self.values
+        if not self.keys_decided:  # a Python bool: Dynamo guards on it and replays the store
+            self.keys_decided = True
+            keys, values = self._deciding
+        keys.index_copy_(2, positions, key_states)
+        values.index_copy_(2, positions, value_states)
+        return keys, values
 
     def get_mask_sizes(self, query_length: int = 0, *args) -> tuple[int, int]:
         # the mask covers every logical position; the window is applied by the attention op
@@ -149,11 +163,15 @@ class OScaRLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         if self.is_initialized:
-            clear_pending(self.keys)
-            clear_pending(self.values)
+            for half in (*self._deciding, self.keys, self.values):
+                clear_pending(half)
             for half in (self.keys, self.values):
                 half.lengths.zero_()
                 half.offsets.zero_()
+            rotate0, scale0 = self.config.initial_key_flags  # the next step decides "auto" flags afresh
+            self.keys.key_rotated.fill_(rotate0)
+            self.keys.key_scaled.fill_(scale0)
+        self.keys_decided = not self.config.adaptive_keys
         self.cumulative_length.zero_()
         self.host_length = 0
         self._host_stale = False

@@ -27,6 +27,20 @@ tensors become direct graph edges; nothing crosses a graph boundary. A layer who
 attended (its attention fell back to dequantize) raises at the next write instead of silently dropping
 tokens.
 
+Adaptive key flags (``OScaRConfig`` ``rotate_keys``/``token_scaling`` "auto"): the per-kv-head flags
+``key_rotated``/``key_scaled`` are decided at the layer's first step, from that step's new keys and queries
+(``oscar::choose_key_flags``, left pads moved out of the way), and written in place *before* the step
+attends and appends; they never change while the layer stores a token. The static attribute
+``key_decision`` (None, or the config's ``(rotate_keys, token_scaling)``) says whether an instance decides:
+an attended write of at least ``group_size`` tokens through an instance with ``key_decision`` set computes
+the choice and writes it only if the layer holds no token yet (a device-side check, no host sync; fewer
+than ``group_size`` keys would give ``OScaRConfig.initial_key_flags``, which the flags already hold).
+``OScaRLayer`` (``hf_cache``) hands out an instance with ``key_decision`` set for the first step only (a
+host-side bool on the layer), so decode steps never run the choice; bare halves from :func:`new_kv_cache`
+keep it set, and their later multi-token steps compute a choice the device-side check discards.
+A batch shares one decision (the flags are ``[Hkv]``): under "auto" a prompt batched with others may get
+other flags (so other outputs) than alone.
+
 Left padding: the write does not know which tokens are padding; the attention reads it from the mask it
 is given (a pad position is one the mask forbids on the diagonal, i.e. a token that may not attend to
 itself) and passes ``skip`` to both ops, so pads are never stored. ``offsets[b]`` (the pads skipped) maps
@@ -134,7 +148,8 @@ def clear_pending(half: "_OScaRHalf") -> None:
 # ----------------------------------------------------------------------------------------------------
 # the subclasses
 
-_ATTRS = ["bits", "group_size", "residual_length", "rotate_values", "window", "view"]
+# key_decision: None, or the config's (rotate_keys, token_scaling) while this instance decides the "auto" flags
+_ATTRS = ["bits", "group_size", "residual_length", "rotate_values", "window", "key_decision", "view"]
 
 
 class _OScaRHalf(TorchAOBaseTensor):
@@ -176,12 +191,16 @@ class _OScaRHalf(TorchAOBaseTensor):
     def is_root(self) -> bool:
         return self.view == KVView(1, False, 0, self._max_len())
 
-    def _with_view(self, view: KVView):
+    def _with_view(self, view: KVView, **changes):
         tensors = [getattr(self, n) for n in self.tensor_data_names]
-        attrs = [getattr(self, n) for n in self.tensor_attribute_names[:-1]]
+        attrs = [changes.get(n, getattr(self, n)) for n in self.tensor_attribute_names[:-1]]
         out = type(self)(*tensors, *attrs, view)
         out._pending = self._pending  # views see the tokens written through the cache they come from
         return out
+
+    def with_key_decision(self, decision):
+        """This instance (same state, same pending tokens) with ``key_decision`` set to ``decision``."""
+        return self._with_view(self.view, key_decision=None if decision is None else tuple(decision))
 
     def _stable_hash_for_caching(self) -> str:
         attrs = {n: getattr(self, n) for n in self.tensor_attribute_names}
@@ -311,14 +330,17 @@ def new_kv_cache(
     """Allocate one layer's empty cache as ``(keys, values)`` halves.
 
     ``max_len`` is rounded up to a multiple of ``config.residual_length``; ``window``: sliding-window
-    size of the layer (None for full attention).
+    size of the layer (None for full attention). Key flags start at ``config.initial_key_flags``; with
+    "auto" the halves decide them at their first attended step (module docstring).
     """
     r = config.residual_length
     m = -(-max_len // r) * r
     fmt = CacheFormat(config.bits, config.group_size, r, config.rotate_values)
-    c = allocate_cache(batch, kv_heads, m, head_dim, fmt, dtype, device, config.rotate_keys, config.token_scaling)
+    rotate0, scale0 = config.initial_key_flags  # "auto": what choose_key_flags gives before it sees a group
+    c = allocate_cache(batch, kv_heads, m, head_dim, fmt, dtype, device, rotate0, scale0)
     offsets = torch.zeros(batch, dtype=torch.int32, device=device)
-    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, KVView(1, False, 0, m)]
+    decision = (config.rotate_keys, config.token_scaling) if config.adaptive_keys else None
+    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, decision, KVView(1, False, 0, m)]
     keys = OScaRKeyCache(
         c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.residual_keys, c.key_rotated, c.key_scaled,
         c.lengths, offsets, *attrs,
@@ -338,9 +360,14 @@ def kv_cache_from_hp(
 ) -> tuple[OScaRKeyCache, OScaRValueCache]:
     """A layer's cache holding the history ``keys``/``values`` ``[B, Hkv, T, D]`` (quantized as OScaR
     would have written it: whole residual blocks quantized, the tail full precision). Logical shape
-    ``[B, Hkv, max_len, D]``; dtype of ``keys``."""
+    ``[B, Hkv, max_len, D]``; dtype of ``keys``. With "auto" the key flags are decided from ``keys`` (no
+    queries), as ``fake_quantize(keys, values, config, prompt_length=T)`` does for batch 1."""
     b, h, t, d = keys.shape
     k_cache, v_cache = new_kv_cache(b, h, max(max_len, t), d, config, keys.dtype, keys.device, window)
+    if k_cache.key_decision is not None:
+        flags = ops.choose_key_flags(keys, None, None, config.bits, config.group_size, *k_cache.key_decision)
+        ops.refresh_key_flags(k_cache.key_rotated, k_cache.key_scaled, k_cache.lengths, *flags)
+        k_cache, v_cache = k_cache.with_key_decision(None), v_cache.with_key_decision(None)
     ops.append_kv(cache_tensors(k_cache, v_cache), k_cache.fmt, keys, values)
     v_cache.lengths.copy_(k_cache.lengths)
     return k_cache, v_cache
@@ -565,6 +592,11 @@ def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
         skip = ops.left_pads(attn_mask, positions, b)
     cache = cache_tensors(keys, values)
     fmt = keys.fmt
+    if new_k is not None and keys.key_decision is not None and new_k.shape[2] >= keys.group_size:
+        # "auto" key flags: decided from this step's keys and queries before it attends and appends, kept
+        # only if the layer holds no token yet (module docstring, "Adaptive key flags")
+        rotated, scaled = ops.choose_key_flags(new_k, q, skip, keys.bits, keys.group_size, *keys.key_decision)
+        ops.refresh_key_flags(keys.key_rotated, keys.key_scaled, keys.lengths, rotated, scaled)
     if new_k is None:
         out = ops.attention(q, cache, fmt, scale=scale, softcap=softcap, window=keys.window)
     else:  # one op, so Inductor re-inplaces the append (ops.attend_append explains)

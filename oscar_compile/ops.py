@@ -13,6 +13,11 @@ Two ops, named as the graph passes and the cache subclass call them:
 * ``torch.ops.oscar.attend_append(<attention's arguments, new keys/values required>) -> Tensor``: both
   of the above as one opaque op (mutates like ``append_kv``), which is what the cache subclass uses: with
   two ops Inductor cannot re-inplace the append (see the op's comment) and copies the cache every step.
+* ``torch.ops.oscar.choose_key_flags(new_keys, query, skip, bits, group_size, rotate, scale) -> (Tensor, Tensor)``:
+  the per-kv-head key flags ``(rotated, scaled)`` bool ``[Hkv]`` that
+  ``kernels.key_transform.choose_key_flags`` picks from a step's keys and queries (left pads moved out of the
+  way), for ``OScaRConfig`` "auto". Pure (no mutation); the callers write the flags into the cache only
+  while it holds no token (:func:`refresh_key_flags`), i.e. at a sequence's first step.
 * ``torch.ops.oscar.left_pads(mask, positions, batch) -> Tensor``: the ``skip`` of a chunk read from
   the attention mask (new tokens no query may see are left padding).
 * ``torch.ops.oscar.sdpa(query, key, value, attn_mask, scale, softcap, is_causal) -> Tensor``: the entry
@@ -50,8 +55,12 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from .kernels.append_kv import append_kv_ref
 from .kernels.cache_attention import cache_attention_ref
 from .kernels.cache_layout import CacheFormat, CacheTensors
+from .kernels.key_transform import choose_key_flags as _choose_key_flags
 
-__all__ = ["append_kv", "attend_append", "attention", "left_pads", "sdpa", "triton_launcher"]
+__all__ = [
+    "append_kv", "attend_append", "attention", "choose_key_flags", "left_pads", "refresh_key_flags", "sdpa",
+    "triton_launcher",
+]  # fmt: skip
 
 Tensor = torch.Tensor
 
@@ -349,6 +358,49 @@ def _(query, key, value, attn_mask, scale, softcap, is_causal):
 
 
 # ---------------------------------------------------------------------------------------------------
+# choose_key_flags: the "auto" key transform of a layer, decided from a step's keys and queries
+
+
+@torch.library.custom_op("oscar::choose_key_flags", mutates_args=())
+def _choose_key_flags_op(
+    new_keys: Tensor,
+    query: Optional[Tensor],
+    skip: Optional[Tensor],
+    bits: int,
+    group_size: int,
+    rotate: Optional[bool],
+    scale: Optional[bool],
+) -> tuple[Tensor, Tensor]:
+    # new_keys: [B, Hkv, T, D]; query: [B, Hq, T, D] or None; skip: [B] int left pads or None -> 2 x [Hkv] bool
+    # rotate/scale: None = "auto" (chosen), a bool = fixed. Pure torch, no host sync: the same on every device.
+    # Opaque, so compiled graphs keep it as one call (its candidate loop is not worth fusing).
+    keys = new_keys
+    if skip is not None:
+        # left pads first go out of the way: each sequence's real keys move to slot 0 (the groups the cache
+        # will quantize), the slots its pads free at the end repeat its last real key; pad queries are zeroed
+        # (a zero query adds nothing to the logit error). Exact for batch 1; a batch decides jointly anyway.
+        t = keys.shape[2]
+        steps = torch.arange(t, device=keys.device)
+        idx = (steps[None, :] + skip.to(torch.int64)[:, None]).clamp(max=t - 1)  # [B, T]
+        keys = keys.gather(2, idx[:, None, :, None].expand(keys.shape))
+        if query is not None and query.shape[2] == t:
+            real = steps[None, :] >= skip.to(torch.int64)[:, None]  # [B, T]
+            query = torch.where(real[:, None, :, None], query, torch.zeros((), dtype=query.dtype, device=query.device))
+    rotated, scaled = _choose_key_flags(
+        keys, bits, group_size, queries=query,
+        rotate="auto" if rotate is None else rotate, scale="auto" if scale is None else scale,
+    )  # fmt: skip
+    return rotated.contiguous(), scaled.contiguous()
+
+
+@_choose_key_flags_op.register_fake
+def _(new_keys, query, skip, bits, group_size, rotate, scale):
+    h = new_keys.shape[1]
+    return (torch.empty((h,), dtype=torch.bool, device=new_keys.device),
+            torch.empty((h,), dtype=torch.bool, device=new_keys.device))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
 # left_pads: which of a chunk's new tokens are left padding, read from the attention mask
 
 
@@ -476,6 +528,36 @@ def sdpa(
     return torch.ops.oscar.sdpa(
         query, key, value, attn_mask, float(scale), None if softcap is None else float(softcap), bool(is_causal)
     )
+
+
+def choose_key_flags(
+    new_keys: Tensor,
+    query: Optional[Tensor],
+    skip: Optional[Tensor],
+    bits: int,
+    group_size: int,
+    rotate="auto",
+    scale="auto",
+) -> tuple[Tensor, Tensor]:
+    """``oscar::choose_key_flags``: ``(rotated, scaled)`` bool ``[Hkv]`` for a step's ``new_keys`` ``[B, Hkv, T, D]``
+    and ``query`` ``[B, Hq, T, D]`` (or None), ``skip`` ``[B]`` left pads (or None). ``rotate``/``scale``: "auto"
+    or a fixed bool, as in ``OScaRConfig``."""
+    return torch.ops.oscar.choose_key_flags(
+        new_keys, query, skip, bits, group_size, None if rotate == "auto" else bool(rotate),
+        None if scale == "auto" else bool(scale),
+    )  # fmt: skip
+
+
+def refresh_key_flags(
+    key_rotated: Tensor, key_scaled: Tensor, lengths: Tensor, rotated, scaled
+) -> None:
+    """Write ``rotated``/``scaled`` (bool ``[Hkv]`` tensors or bools) into the cache's per-head key flags, in place,
+    only while the layer stores no token (every ``lengths`` 0): the flags of stored blocks never change.
+    Device-side (no host sync); plain torch ops, so a compiled graph fuses them."""
+    fresh = (lengths == 0).all()
+    for flags, new in ((key_rotated, rotated), (key_scaled, scaled)):
+        new = torch.as_tensor(new, dtype=torch.bool, device=flags.device)
+        flags.copy_(torch.where(fresh, new, flags))
 
 
 def left_pads(mask: Tensor, positions: Tensor, batch: int) -> Tensor:

@@ -68,6 +68,9 @@ class OScaRReport:
             lines.append("  (nothing traced yet: sites are discovered at the model's first call)")
         if self.config is not None:
             lines.append(f"  config: {self.config!r}")
+            if getattr(self.config, "adaptive_keys", False):
+                lines.append("  key flags: 'auto', chosen per kv head from each sequence's first step (prompt) keys "
+                             "and queries, fixed while the sequence lasts")  # fmt: skip
         for rec in self.sites.values():
             lines.append(
                 f"  rewritten {rec.name}: {rec.kind}, {rec.heads} heads / {rec.kv_heads} kv heads, "

@@ -9,7 +9,15 @@ or not at all. For a group:
   the step writes at consecutive positions starting at the stored length (the OScaR cache appends);
 * each reader's attention becomes ``oscar::attention(query, state, new_keys, new_values)`` (GQA expansion
   dropped; the scale carried; the causal mask is the op's own), placed where the attention was;
-* the two writes become one ``oscar::append_kv`` after the last reader (attend-then-append, DESIGN §2).
+* the two writes become one ``oscar::append_kv`` after the last reader (attend-then-append, DESIGN §2);
+* "auto" key flags (``OScaRConfig()``'s default): after ``sync_lengths``, a graph whose step writes at least
+  ``group_size`` tokens computes ``oscar::choose_key_flags`` from the step's new keys and the first reader's
+  queries, and every graph of the group writes the step's flags with ``ops.refresh_key_flags``, which
+  changes them only while the state holds no token (a sequence's first step, after ``sync_lengths`` reset
+  it on a write at position 0); a step of fewer than ``group_size`` tokens offers the initial flags (what the
+  choice gives for so few keys). So the flags are those of each sequence's first step (its prompt), as in
+  the cache subclass; multi-token graphs compute a choice that later chunks discard (no host bookkeeping
+  here), decode graphs (T < group_size) never run it.
 
 Placeholders of the replaced full-precision caches are left without users; their storage is freed by the
 caller once the graph is compiled.
@@ -18,6 +26,7 @@ caller once the graph is compiled.
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -117,9 +126,8 @@ class StateRegistry:
         r = cfg.residual_length
         fmt = CacheFormat(cfg.bits, cfg.group_size, r, cfg.rotate_values)
         max_len = math.ceil(length / r) * r
-        tensors = allocate_cache(
-            b, hkv, max_len, d, fmt, k.dtype, k.device, rotate_keys=cfg.rotate_keys, token_scaling=cfg.token_scaling
-        )
+        rotate0, scale0 = cfg.initial_key_flags  # "auto": decided at each sequence's first step (module docstring)
+        tensors = allocate_cache(b, hkv, max_len, d, fmt, k.dtype, k.device, rotate_keys=rotate0, token_scaling=scale0)
         bf16 = k.numel() * k.element_size() + v.numel() * v.element_size()
         state = CacheState(len(self.states) // 2, name, tensors, fmt, key, value, bf16, key_index, value_index)
         self.states[(id(key), key_index)] = state
@@ -231,7 +239,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
             registry.mark_untouched(values.get(vc), why, vi)
             continue
         state = registry.get_or_create(values[kc], values[vc], "/".join(sites[0].cache_attrs), ki, vi)
-        _rewrite_group(gm, sites, state)
+        _rewrite_group(gm, sites, state, cfg)
         report.add_cache(state.name, state.bf16_bytes, state.oscar_bytes)
         for s in sites:
             report.add_rewritten(
@@ -362,7 +370,24 @@ def _other_layer(node, cache, index) -> bool:
     return False
 
 
-def _rewrite_group(gm: fx.GraphModule, sites: list[Site], state: CacheState) -> None:
+def _insert_key_decision(graph: fx.Graph, attrs, new_keys: fx.Node, query: fx.Node, fmt: CacheFormat, config):
+    """The "auto" key flags of this step (module docstring), written while the state holds no token."""
+    from ..ops import refresh_key_flags
+
+    shape = shape_of(new_keys)
+    if shape is not None and shape[2] >= fmt.group_size:
+        modes = tuple(None if m == "auto" else m for m in (config.rotate_keys, config.token_scaling))
+        chosen = graph.call_function(
+            _ops().choose_key_flags.default, (new_keys, query, None, fmt.bits, fmt.group_size, *modes)
+        )
+        rotated = graph.call_function(operator.getitem, (chosen, 0))
+        scaled = graph.call_function(operator.getitem, (chosen, 1))
+    else:  # fewer keys than a group: the choice is the initial flags, not worth an op
+        rotated, scaled = config.initial_key_flags
+    graph.call_function(refresh_key_flags, (attrs[10], attrs[11], attrs[9], rotated, scaled))
+
+
+def _rewrite_group(gm: fx.GraphModule, sites: list[Site], state: CacheState, config) -> None:
     graph = gm.graph
     oscar = _ops()
     fields = CacheTensors._fields
@@ -384,6 +409,8 @@ def _rewrite_group(gm: fx.GraphModule, sites: list[Site], state: CacheState) -> 
     with graph.inserting_before(sites[0].out):
         attrs = [graph.get_attr(f"{prefix}_{f}") for f in fields]
         graph.call_function(sync_lengths, (attrs[9], kw.position, from_zero))
+        if config.adaptive_keys:
+            _insert_key_decision(graph, attrs, kw.new, sites[0].query, fmt, config)
     last = None
     for s in sites:
         with graph.inserting_before(s.out):

@@ -8,6 +8,7 @@ from oscar_compile import OScaRConfig
 def test_defaults_and_presets():
     c = OScaRConfig()
     assert (c.bits, c.group_size, c.residual_length) == (2, 32, 128)
+    assert c == OScaRConfig.adaptive() and (c.rotate_keys, c.rotate_values, c.token_scaling) == ("auto", True, True)
     p, k = OScaRConfig.paper(), OScaRConfig.kivi()
     assert (p.rotate_keys, p.rotate_values, p.token_scaling) == (True, True, True)
     assert (k.rotate_keys, k.rotate_values, k.token_scaling) == (False, False, False)

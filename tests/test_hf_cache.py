@@ -16,7 +16,8 @@ from oscar_compile import OScaRConfig, fake_quantize
 from oscar_compile.hf_cache import OScaRCache, OScaRLayer, cache_kwarg_name, use_oscar_attention, use_oscar_cache
 from oscar_compile.kv_tensor import cache_tensors, is_oscar_cache
 
-CFG = OScaRConfig(residual_length=32)  # small blocks: a 70-token prompt quantizes two of them
+# fixed key flags (the paper's): batch items stay independent; small blocks: a 70-token prompt quantizes two
+CFG = OScaRConfig.paper(residual_length=32)
 ATOL = 1e-4  # fp32 logits; observed differences are ~1e-6
 COMMON = dict(
     vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

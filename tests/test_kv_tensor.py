@@ -14,7 +14,7 @@ from oscar_compile.kernels import cache_nbytes
 from oscar_compile.kv_tensor import KVView, OScaRKeyCache, OScaRValueCache, cache_tensors, kv_cache_from_hp, new_kv_cache
 from testing_utils import randn
 
-CFG = OScaRConfig(residual_length=32)
+CFG = OScaRConfig.paper(residual_length=32)  # fixed key flags: batch items independent
 B, HKV, GROUP, D, MAX_LEN = 2, 2, 2, 64, 128
 ATOL = 2e-5  # fp32 models: the cache and the reference differ only in summation order
 

@@ -27,7 +27,7 @@ RTOL = 2e-4
 TOLERANCES = {torch.float32: (ATOL, RTOL), torch.bfloat16: (4e-2, 2e-2)}
 
 # residual 32 so a few dozen tokens already quantize complete blocks
-CONFIG = OScaRConfig(residual_length=32)
+CONFIG = OScaRConfig.paper(residual_length=32)
 
 
 def attr(module, path):
@@ -38,21 +38,23 @@ def attr(module, path):
 
 
 @torch.no_grad()
-def oscar_reference(model, steps, cache_pairs, config):
+def oscar_reference(model, steps, cache_pairs, config, queries=None):
     """Run ``model`` eagerly with each named cache holding what an OScaR cache would hold.
 
     Before each step the first ``L`` slots of every cache (``L`` = tokens stored so far) are replaced by
     ``fake_quantize`` of the full-precision history; the step then writes its own tokens at full precision
-    and attends to both: attend-then-append (DESIGN §2).
+    and attends to both: attend-then-append (DESIGN §2). ``queries``: key-cache name -> the first step's
+    queries, for "auto" configs (decided from the first step, as the OScaR state does).
     """
     cache_names = [n for pair in cache_pairs for n in pair]
     history = {n: torch.zeros_like(attr(model, n)) for n in cache_names}
-    stored, outs = 0, []
+    stored, outs, first = 0, [], None
     for x, pos in steps:
         if int(pos[0]) == 0:
-            stored = 0
+            stored, first = 0, len(pos)
         for k_name, v_name in cache_pairs:
-            kh, vh = fake_quantize(history[k_name][:, :, :stored], history[v_name][:, :, :stored], config)
+            extra = {} if queries is None else {"queries": queries[k_name], "prompt_length": first}
+            kh, vh = fake_quantize(history[k_name][:, :, :stored], history[v_name][:, :, :stored], config, **extra)
             attr(model, k_name)[:, :, :stored] = kh
             attr(model, v_name)[:, :, :stored] = vh
         outs.append(model(x, pos))
