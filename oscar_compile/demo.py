@@ -141,8 +141,8 @@ def main(argv=None) -> None:
     p.add_argument("--long-context", type=int, default=32768, help="context for the KV-bytes figure")
     p.add_argument("--ppl-context", type=int, default=1024)
     p.add_argument("--ppl-windows", type=int, default=2)
-    p.add_argument("--backend", default=None, choices=["compile", "cache", "fake"],
-                   help="default: cache (fake when the config decides the key transform at run time)")
+    p.add_argument("--backend", default="cache", choices=["compile", "cache", "fake"],
+                   help="compile: oscar.compile(model); cache: OScaRCache; fake: the evaluation cache")
     p.add_argument("--config", default="default", choices=["default", "paper", "adaptive", "kivi"],
                    help="OScaRConfig() or one of its presets (paper(), adaptive(), kivi())")
     p.add_argument("--cache-dir", default=None)
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = OScaRConfig() if args.config == "default" else getattr(OScaRConfig, args.config)()
-    backend = args.backend or ("fake" if config.adaptive_keys else "cache")
+    backend = args.backend
     t = time.perf_counter()
     model, tok = assets.load_model(args.model, args.cache_dir, device=device)
     print(f"model {args.model} on {device} ({time.perf_counter() - t:.1f}s to load); OScaR config: {config}")
