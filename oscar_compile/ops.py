@@ -361,7 +361,12 @@ def _(query, key, value, attn_mask, scale, softcap, is_causal):
 # choose_key_flags: the "auto" key transform of a layer, decided from a step's keys and queries
 
 
-@torch.library.custom_op("oscar::choose_key_flags", mutates_args=())
+# choose_key_flags builds a small device table from a Python list (a host-to-device copy, not capturable):
+# Inductor keeps CUDA graphs away from graphs that hold it (only a deciding prefill does)
+_CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
+
+@torch.library.custom_op("oscar::choose_key_flags", mutates_args=(), tags=_CUDAGRAPH_UNSAFE)
 def _choose_key_flags_op(
     new_keys: Tensor,
     query: Optional[Tensor],

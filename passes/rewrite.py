@@ -374,8 +374,8 @@ def _insert_key_decision(graph: fx.Graph, attrs, new_keys: fx.Node, query: fx.No
     """The "auto" key flags of this step (module docstring), written while the state holds no token."""
     from ..ops import refresh_key_flags
 
-    shape = shape_of(new_keys)
-    if shape is not None and shape[2] >= fmt.group_size:
+    t = (shape_of(new_keys) or (None, None, None))[2]
+    if not isinstance(t, int) or t >= fmt.group_size:  # a symbolic T (dynamic prompt lengths) may be either
         modes = tuple(None if m == "auto" else m for m in (config.rotate_keys, config.token_scaling))
         chosen = graph.call_function(
             _ops().choose_key_flags.default, (new_keys, query, None, fmt.bits, fmt.group_size, *modes)

@@ -227,3 +227,23 @@ def test_from_hp_decides_from_the_history_like_fake_quantize(dtype):
     tol = dict(rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
     torch.testing.assert_close(kc.dequantize()[:, :, :75], fk, **tol)
     torch.testing.assert_close(vc.dequantize()[:, :, :75], fv, **tol)
+
+
+def test_oscar_compile_generate_with_the_default_config():
+    # oscar.compile (Inductor, prefill compiled too) with OScaRConfig()'s "auto" flags, through generate()
+    import oscar_compile as oscar
+
+    model, config = tiny("llama")
+    reference, _ = tiny("llama")
+    torch._dynamo.reset()
+    counters.clear()
+    oscar.compile(model, AUTO, fullgraph=True)
+    prompt = chunks()[0]
+    out = model.generate(prompt, max_new_tokens=4, output_logits=True, return_dict_in_generate=True, **GREEDY)
+    assert not counters["graph_break"] and "key flags: 'auto'" in str(model.oscar_report)
+    seq = out.sequences
+    steps = [seq[:, :PROMPT]] + [seq[:, i : i + 1] for i in range(PROMPT, seq.shape[1] - 1)]
+    want, _ = oracle(reference, AUTO, steps)
+    for i, (g, w) in enumerate(zip(out.logits, want)):
+        torch.testing.assert_close(g, w[:, -1], rtol=0, atol=ATOL, msg=lambda m: f"step {i}: {m}")
+    torch._dynamo.reset()

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 import oscar_compile as oscar
 from oscar_compile import OScaRConfig
+from oscar_compile.passes import default_backend
 from oscar_compile.kernels import choose_key_flags
 from oscar_compile.passes.graph import shape_of
 from pass_helpers import ATOL, RTOL, decode_steps, oscar_reference
@@ -85,3 +86,28 @@ def test_auto_flags_decided_at_each_sequence_start():
     ref2 = oscar_reference(reference, second, pairs, AUTO, queries=queries2)
     for i, (o, r) in enumerate(zip(outs2, ref2)):
         torch.testing.assert_close(o, r, atol=ATOL, rtol=RTOL, msg=lambda m: f"second sequence, step {i}: {m}")
+
+
+def test_auto_flags_with_dynamic_prompt_lengths():
+    # torch.compile(backend="oscar"): three prompt lengths make Dynamo go dynamic on T (the choice is in the
+    # dynamic graph; a prompt shorter than a group keeps the initial flags, as choose_key_flags returns them)
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    ref = Decoder().eval()
+    ref.load_state_dict(model.state_dict())
+    backend = default_backend(AUTO)
+    compiled = torch.compile(model, backend="oscar", options={"oscar_config": AUTO}, fullgraph=True)
+    for prompt in (33, 20, 41, 12):
+        steps = decode_steps(prompt=prompt, decode=2, seed=prompt)
+        with torch.no_grad():
+            outs = [compiled(x, pos) for x, pos in steps]
+        qk = _prompt_qk(ref, steps[0][0])
+        states = sorted({id(s): s for s in backend.registry.states.values()}.values(), key=lambda s: s.index)
+        for state, (q, k) in zip(states, qk):
+            want = choose_key_flags(k, 2, 32, queries=q, rotate="auto", scale=True)
+            assert torch.equal(state.tensors.key_rotated, want[0]) and torch.equal(state.tensors.key_scaled, want[1])
+        pairs = [name.split("/") for name in backend.report.caches]
+        queries = {f"layers.{i}.kv_cache.k_cache": q for i, (q, _) in enumerate(qk)}
+        for o, r in zip(outs, oscar_reference(ref, steps, pairs, AUTO, queries=queries)):
+            torch.testing.assert_close(o, r, atol=ATOL, rtol=RTOL)
+    assert backend.report.rewritten == 2 and "key flags: 'auto'" in str(backend.report)
