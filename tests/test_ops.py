@@ -168,3 +168,27 @@ def test_left_pads_from_masks():
     assert ops.left_pads(additive, pos, 2).tolist() == [0, 2]
     assert ops.left_pads(mask[:1], pos, 3).tolist() == [0, 0, 0]  # a batch-1 mask broadcasts
     torch.library.opcheck(torch.ops.oscar.left_pads.default, (mask, pos, 2))
+
+
+def test_choose_key_flags_op_and_refresh():
+    from oscar_compile.kernels import choose_key_flags
+
+    k, q = randn((2, 2, 70, 64), seed=3, scale=2.0), randn((2, 4, 70, 64), seed=4)
+    k[:, 1, :, 7] *= 30  # head 1: an outlier channel
+    skip = torch.tensor([0, 6], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.oscar.choose_key_flags.default, (k, q, skip, 2, 32, None, True))
+    # no pads: exactly choose_key_flags; fixed settings restrict the candidates
+    assert all(torch.equal(a, b) for a, b in zip(ops.choose_key_flags(k, q, None, 2, 32), choose_key_flags(k, 2, 32, q)))
+    rot, scl = ops.choose_key_flags(k, q, None, 2, 32, rotate=True, scale=False)
+    assert rot.all() and not scl.any()
+    # left pads are moved out of the way: 6 pads in a 70-token chunk leave 64 real keys (two whole groups)
+    # and 64 real queries last, so the choice is exactly that on the real tokens alone
+    got = ops.choose_key_flags(k[1:], q[1:], skip[1:], 2, 32, "auto", True)
+    want = choose_key_flags(k[1:, :, 6:], 2, 32, queries=q[1:, :, 6:], rotate="auto", scale=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # refresh writes only while the layer holds no token
+    flags = [torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)]
+    ops.refresh_key_flags(*flags, torch.tensor([0, 5], dtype=torch.int32), torch.tensor([True, True]), False)
+    assert flags[0].tolist() == [False, False] and flags[1].tolist() == [True, True]
+    ops.refresh_key_flags(*flags, torch.zeros(2, dtype=torch.int32), torch.tensor([True, False]), False)
+    assert flags[0].tolist() == [True, False] and flags[1].tolist() == [False, False]
