@@ -197,6 +197,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both paths, or 'eager'")
     p.add_argument("--methods", nargs="*", default=["bf16", "oscar"])
+    p.add_argument("--config", choices=["paper", "default"], default="paper",
+                   help="OScaR preset; speed does not depend on it (key flags are read per head at run time)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.mode == "reduce-overhead":
@@ -205,7 +207,7 @@ def main():
     bw = copy_bandwidth(device)
     model = build_model(args.model, device)
     wbytes = weight_bytes(model)
-    config = OScaRConfig()
+    config = OScaRConfig.paper() if args.config == "paper" else OScaRConfig()
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"model {args.model} ({wbytes / 1e9:.2f} GB bf16 weights), copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
 

@@ -228,7 +228,7 @@ def check_generate(device):
     from oscar_compile import OScaRConfig
     from oscar_compile.hf_cache import OScaRCache, cache_kwarg_name, use_oscar_attention
 
-    cfg = OScaRConfig()
+    cfg = OScaRConfig.paper()  # fixed key flags: under 'auto' a batch shares one decision (see hf_cache)
     model, config = _tiny_llama(device, torch.float32)
     name = cache_kwarg_name(model)
     gen = torch.Generator().manual_seed(1)
@@ -307,7 +307,7 @@ def check_generate_compiled(device):
     from oscar_compile import OScaRConfig
     from oscar_compile.hf_cache import OScaRCache, use_oscar_attention
 
-    cfg = OScaRConfig()
+    cfg = OScaRConfig.paper()  # fixed key flags: under 'auto' a batch shares one decision (see hf_cache)
     model, config = _tiny_llama(device, torch.float32)
     use_oscar_attention(model)
     greedy = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0, output_logits=True,
