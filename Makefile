@@ -21,7 +21,7 @@ test: $(VENV)/.installed-test
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: $(VENV)/.installed-eval
-	$(PY) examples/numerics_demo.py
+	$(PY) -m oscar_compile.demo
 
 clean:
 	rm -rf $(VENV) *.egg-info .hypothesis

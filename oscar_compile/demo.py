@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     p.add_argument("--long-context", type=int, default=32768, help="context for the KV-bytes figure")
     p.add_argument("--ppl-context", type=int, default=1024)
     p.add_argument("--ppl-windows", type=int, default=2)
-    p.add_argument("--backend", default="cache", choices=["compile", "cache", "fake"],
+    p.add_argument("--backend", default="compile", choices=["compile", "cache", "fake"],
                    help="compile: oscar.compile(model); cache: OScaRCache; fake: the evaluation cache")
     p.add_argument("--config", default="default", choices=["default", "paper", "adaptive", "kivi"],
                    help="OScaRConfig() or one of its presets (paper(), adaptive(), kivi())")
