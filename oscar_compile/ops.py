@@ -448,6 +448,16 @@ def append_kv(
     )
 
 
+def _attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window) -> tuple:
+    """The positional arguments shared by ``oscar::attention`` and ``oscar::attend_append``."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return (
+        query, *cache, new_keys, new_values, skip,
+        fmt.bits, fmt.group_size, fmt.residual_length, fmt.rotate_values,
+        float(scale), None if softcap is None else float(softcap), None if window is None else int(window),
+    )  # fmt: skip
+
+
 def attention(
     query: Tensor,
     cache: CacheTensors,
@@ -464,22 +474,7 @@ def attention(
 
     scale defaults to ``D ** -0.5``; ``softcap``/``window`` as in ``kernels.cache_attention``.
     """
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
-    return torch.ops.oscar.attention(
-        query,
-        *cache,
-        new_keys,
-        new_values,
-        skip,
-        fmt.bits,
-        fmt.group_size,
-        fmt.residual_length,
-        fmt.rotate_values,
-        float(scale),
-        None if softcap is None else float(softcap),
-        None if window is None else int(window),
-    )
+    return torch.ops.oscar.attention(*_attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window))
 
 
 def attend_append(
@@ -495,22 +490,7 @@ def attend_append(
     window: Optional[int] = None,
 ) -> Tensor:
     """``attention(...)`` then ``append_kv(...)`` of the same new keys/values, as one op (see its comment)."""
-    if scale is None:
-        scale = query.shape[-1] ** -0.5
-    return torch.ops.oscar.attend_append(
-        query,
-        *cache,
-        new_keys,
-        new_values,
-        skip,
-        fmt.bits,
-        fmt.group_size,
-        fmt.residual_length,
-        fmt.rotate_values,
-        float(scale),
-        None if softcap is None else float(softcap),
-        None if window is None else int(window),
-    )
+    return torch.ops.oscar.attend_append(*_attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window))
 
 
 def sdpa(
