@@ -20,7 +20,7 @@ from .quantization import (
     dequantize_values_transformed,
 )
 
-__all__ = ["quantized_attention_ref"]
+__all__ = ["masked_softmax", "quantized_attention_ref"]
 
 
 def _check_inputs(query, keys, values, residual_keys, residual_values):
@@ -52,6 +52,17 @@ def _check_inputs(query, keys, values, residual_keys, residual_values):
         if hq % kh:
             raise ValueError(f"query heads {hq} not a multiple of kv heads {kh} ({name})")
     return shapes[0][1][1]
+
+
+def masked_softmax(scores: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim of fp32 ``scores`` after a bool (True = attend) or additive mask;
+    a row that may attend to nothing gives zeros (not NaN)."""
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(torch.float32)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
 def quantized_attention_ref(
@@ -99,12 +110,7 @@ def quantized_attention_ref(
         q_pos = torch.arange(total - tq, total, device=query.device)[:, None]
         allowed = torch.arange(total, device=query.device)[None, :] <= q_pos
         scores = scores.masked_fill(~allowed, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.to(torch.float32)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).reshape(b, hkv, group, tq, total)
+    probs = masked_softmax(scores, attn_mask).reshape(b, hkv, group, tq, total)
 
     out = torch.zeros(b, hkv, group, tq, d, dtype=torch.float32, device=query.device)
     n_quant = 0

@@ -53,6 +53,7 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .kernels.append_kv import append_kv_ref
+from .kernels.attention_ref import masked_softmax
 from .kernels.cache_attention import cache_attention_ref
 from .kernels.cache_layout import CacheFormat, CacheTensors
 from .kernels.key_transform import choose_key_flags as _choose_key_flags
@@ -341,12 +342,7 @@ def _sdpa_op(
     if is_causal:  # top-left aligned, as F.scaled_dot_product_attention
         allowed = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.to(torch.float32)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).reshape(b, hkv, group, tq, tk)
+    probs = masked_softmax(scores, attn_mask).reshape(b, hkv, group, tq, tk)
     out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value.to(torch.float32))
     return out.reshape(b, hq, tq, value.shape[-1]).to(query.dtype).contiguous()
 
