@@ -16,3 +16,15 @@ def randn(shape, dtype=torch.float32, seed=0, scale=1.0):
     """Deterministic normal tensor (fp32 draw, then cast)."""
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def poisoned_cache(device, batch, heads, max_len, dim, fmt, dtype, rot, scl):
+    """A cache whose storage is poison (0xFF codes, NaN params/residual): unwritten elements show up."""
+    from oscar_compile.kernels import allocate_cache
+
+    cache = allocate_cache(batch, heads, max_len, dim, fmt, dtype, device, rotate_keys=rot, token_scaling=scl)
+    for name in ("key_codes", "value_codes"):
+        getattr(cache, name).fill_(0xFF)
+    for name in ("key_mn", "key_scale", "key_norms", "value_mn", "value_scale", "residual_keys", "residual_values"):
+        getattr(cache, name).fill_(float("nan"))
+    return cache

@@ -20,11 +20,13 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oscar_compile.kernels import CacheFormat, allocate_cache
 from oscar_compile.kernels.append_kv import append_kv, append_kv_ref
+from testing_utils import poisoned_cache
 
 ON_GPU = bool(os.environ.get("OSCAR_TEST_CUDA")) and torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -41,15 +43,6 @@ def _bits_view(t: torch.Tensor) -> torch.Tensor:
     """Integer view for bitwise comparison (NaN poison compares equal to itself)."""
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     return t.view(ints[t.element_size()]) if t.is_floating_point() else t
-
-
-def poisoned_cache(batch, heads, max_len, dim, fmt, dtype, rot, scl):
-    cache = allocate_cache(batch, heads, max_len, dim, fmt, dtype, DEVICE, rotate_keys=rot, token_scaling=scl)
-    for name in ("key_codes", "value_codes"):
-        getattr(cache, name).fill_(0xFF)
-    for name in ("key_mn", "key_scale", "key_norms", "value_mn", "value_scale", "residual_keys", "residual_values"):
-        getattr(cache, name).fill_(float("nan"))
-    return cache
 
 
 def clone_cache(cache):
@@ -120,7 +113,7 @@ def _run_appends(case, make_keys, check):
     max_len = -(-sum(case["steps"]) // case["r"]) * case["r"] + case["r"]
     rot = torch.tensor(case["rot"], device=DEVICE)
     scl = torch.tensor(case["scl"], device=DEVICE)
-    cache = poisoned_cache(b, h, max_len, d, fmt, case["dtype"], rot, scl)
+    cache = poisoned_cache(DEVICE, b, h, max_len, d, fmt, case["dtype"], rot, scl)
     ref = clone_cache(cache)
     fracs = iter(case["skips"])
     for step, t in enumerate(case["steps"]):
@@ -159,7 +152,7 @@ def test_decode_steps_cross_block_boundary():
     """T_new = 1 appends across a flush, with a sequence that is ahead by one token."""
     fmt = CacheFormat(2, 32, 32, True)
     h, d = 2, 64
-    cache = poisoned_cache(2, h, 128, d, fmt, torch.bfloat16, True, True)
+    cache = poisoned_cache(DEVICE, 2, h, 128, d, fmt, torch.bfloat16, True, True)
     ref = clone_cache(cache)
     k0 = exact_norm_keys(2, h, 30, d, 1).to(torch.bfloat16).to(DEVICE)
     skip = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
@@ -176,7 +169,7 @@ def test_decode_steps_cross_block_boundary():
 def test_overflow_never_writes_out_of_bounds():
     """Overflow is the cache layer's to check (no host sync here); the kernel must stay in bounds."""
     fmt = CacheFormat(2, 32, 32, True)
-    cache = poisoned_cache(1, 1, 64, 32, fmt, torch.float32, True, True)
+    cache = poisoned_cache(DEVICE, 1, 1, 64, 32, fmt, torch.float32, True, True)
     k = exact_norm_keys(1, 1, 100, 32, 3).to(DEVICE)
     append_kv(cache, fmt, k, k, None)  # 100 tokens into a 64-token cache: must not crash or corrupt memory
     assert cache.key_codes.shape[2] == 64 // 4
@@ -186,7 +179,7 @@ def test_overflow_never_writes_out_of_bounds():
 
 def test_validation_errors():
     fmt = CacheFormat(2, 32, 32, True)
-    cache = poisoned_cache(1, 2, 64, 32, fmt, torch.float32, True, True)
+    cache = poisoned_cache(DEVICE, 1, 2, 64, 32, fmt, torch.float32, True, True)
     with pytest.raises(ValueError, match="do not match"):
         append_kv(cache, fmt, torch.zeros(1, 3, 1, 32, device=DEVICE), torch.zeros(1, 3, 1, 32, device=DEVICE))
     with pytest.raises(ValueError, match="skip"):
@@ -202,7 +195,7 @@ def test_validation_errors():
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graph capture needs the GPU (run with OSCAR_TEST_CUDA=1)")
 def test_decode_append_cuda_graph_capturable():
     fmt = CacheFormat(2, 32, 128, True)
-    cache = poisoned_cache(2, 8, 1024, 128, fmt, torch.bfloat16, True, True)
+    cache = poisoned_cache(DEVICE, 2, 8, 1024, 128, fmt, torch.bfloat16, True, True)
     ref = clone_cache(cache)
     k = exact_norm_keys(2, 8, 120, 128, 5).to(torch.bfloat16).to(DEVICE)
     append_kv(cache, fmt, k, k, None)

@@ -20,12 +20,14 @@ import os
 
 import pytest
 import torch
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oscar_compile.kernels import CacheFormat, allocate_cache
 from oscar_compile.kernels.append_kv import append_kv_ref
 from oscar_compile.kernels.cache_attention import cache_attention, cache_attention_ref, num_kv_splits
+from testing_utils import poisoned_cache
 
 ON_GPU = bool(os.environ.get("OSCAR_TEST_CUDA")) and torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -40,15 +42,6 @@ FP16_DOT_TOL = 1e-2
 TOLERANCES = {torch.float32: (FP16_DOT_TOL,) * 2, torch.float16: (FP16_DOT_TOL,) * 2, torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
-def poisoned_cache(batch, heads, max_len, dim, fmt, dtype, rot, scl):
-    cache = allocate_cache(batch, heads, max_len, dim, fmt, dtype, DEVICE, rotate_keys=rot, token_scaling=scl)
-    for name in ("key_codes", "value_codes"):
-        getattr(cache, name).fill_(0xFF)
-    for name in ("key_mn", "key_scale", "key_norms", "value_mn", "value_scale", "residual_keys", "residual_values"):
-        getattr(cache, name).fill_(float("nan"))
-    return cache
-
-
 def _randn(shape, seed, dtype, scale=1.0):
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype).to(DEVICE)
 
@@ -57,7 +50,7 @@ def filled_cache(fmt, lengths, heads, dim, dtype, rot, scl, seed, max_len=None):
     batch = len(lengths)
     t = max(max(lengths), 1)
     max_len = max_len or (-(-t // fmt.residual_length) + 1) * fmt.residual_length
-    cache = poisoned_cache(batch, heads, max_len, dim, fmt, dtype, rot, scl)
+    cache = poisoned_cache(DEVICE, batch, heads, max_len, dim, fmt, dtype, rot, scl)
     # keys with a per-token magnitude spread (what token scaling is for) and a per-channel offset
     k = _randn((batch, heads, t, dim), seed, torch.float32)
     k = k * (0.2 + 3 * torch.rand(batch, 1, t, 1, generator=torch.Generator().manual_seed(seed + 1))).to(DEVICE)
