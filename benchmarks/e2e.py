@@ -1,36 +1,57 @@
-"""End-to-end decode latency, throughput and memory: transformers StaticCache (bf16) vs oscar.compile.
+"""End-to-end decode latency, throughput, memory and prefill: transformers StaticCache (bf16) vs oscar.compile.
 
-Llama-architecture models with random bf16 weights (speed does not depend on the weights). The KV cache
-is filled synthetically to save device time: the bf16 StaticCache gets random keys/values; the OScaR
-cache gets random keys/values appended through the real quantize-on-write op (so its state is a real
-quantized cache). Then decode steps run through the compiled model (CUDA graphs, fullgraph) and are timed
-with CUDA events. Bandwidth floors come from the bytes one decode step must read (weights + KV) at the
-copy bandwidth measured in the same run.
+Llama-architecture models with **random bf16 weights** (speed does not depend on the weights). KV caches
+are filled synthetically to save device time: the bf16 ``StaticCache`` gets random keys/values written
+into its tensors; the OScaR cache gets random keys/values appended through the real quantize-on-write op
+(``oscar::append_kv``), so its state is a real quantized cache. Decode steps then run through the compiled
+model (``mode="reduce-overhead"``: CUDA graphs, ``fullgraph=True``) and are timed with CUDA events.
 
-Usage (GPU):
-    python benchmarks/e2e.py --model 8b --contexts 8192 32768 131072 --batches 1
-    python benchmarks/e2e.py --model 8b --contexts 32768 --batches 8
-    python benchmarks/e2e.py --model 8b --throughput 4096
+Phases (``--phases``; every phase runs bf16 first, on the untouched model, then ``oscar.compile`` rewrites
+the same model in place and the OScaR runs follow):
+
+* ``decode``: ms/token at each batch x context. bf16 gets a ``StaticCache`` sized to the context (its best
+  case: StaticCache attention reads the whole capacity every step); OScaR one cache per batch sized for the
+  longest context, filled further between contexts (its attention reads only the stored tokens).
+* ``throughput``: tokens/s at ``--throughput-context`` for the largest batch each method fits in GPU memory
+  (computed from the free memory after loading the model and the exact per-sequence cache bytes, minus a
+  reserve for activations and CUDA graph pools; stepped down by 15% on an out-of-memory error), and for
+  OScaR at bf16's largest batch (equal batch).
+* ``prefill``: eager forward of one prompt (batch 1): bf16 with a ``DynamicCache`` (SDPA, is_causal:
+  transformers' fastest prefill) vs OScaR (attention over the prompt + quantize-on-write of it), plus the
+  quantize-on-write op alone (``oscar::append_kv`` of the prompt's keys/values, every layer).
+* ``profile``: ``torch.profiler`` over a few graph-replayed decode steps at ``--profile-point``: device
+  time per step by kernel category and the top kernels, and host-synchronizing CUDA calls per step.
+
+Floors: bytes one decode step must read (weights + KV state) at the device-to-device copy bandwidth
+measured in the same run (read + write bytes / time of a 1 GiB copy).
+
+Usage (GPU; each call fits the device tool's 10-minute limit):
+    python benchmarks/e2e.py --model 8b --methods bf16 --json $OUT/bf16.json
+    python benchmarks/e2e.py --model 8b --methods oscar --json $OUT/oscar.json
+    python benchmarks/e2e.py --report bf16.json oscar.json      # one table from several runs
 CPU smoke test (tiny model, no CUDA graphs):
-    python benchmarks/e2e.py --model tiny --contexts 256 --batches 2 --steps 3
+    python benchmarks/e2e.py --model tiny --contexts 256 512 --batches 1 2 --steps 2 --warmup 1 \\
+        --throughput-context 128 --prefill-lengths 64
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import re
 import time
+from collections import defaultdict
 
 import torch
 from tabulate import tabulate
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 import oscar_compile as oscar
-from oscar_compile import OScaRConfig
+from oscar_compile import OScaRConfig, ops
 from oscar_compile.hf_cache import OScaRCache, cache_kwarg_name
 from oscar_compile.kernels import CacheFormat, allocate_cache, cache_nbytes
 from oscar_compile.kv_tensor import cache_tensors
-from oscar_compile import ops
 
 MODELS = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -40,6 +61,7 @@ MODELS = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000),
 }  # fmt: skip
+GiB = 2**30
 
 
 def build_model(name: str, device: str) -> LlamaForCausalLM:
@@ -68,6 +90,7 @@ def copy_bandwidth(device: str) -> float:
     n = 1 << 30
     src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100)
+    del src, dst
     return 2 * n / (ms * 1e-3)
 
 
@@ -76,22 +99,44 @@ def layer_shapes(model):
     return cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
 
 
+def oscar_format(config: OScaRConfig) -> CacheFormat:
+    return CacheFormat(config.bits, config.group_size, config.residual_length, config.rotate_values)
+
+
 def kv_read_bytes(model, batch: int, context: int, method: str, config: OScaRConfig) -> int:
-    """Bytes of KV state one decode step reads at ``context`` tokens."""
+    """Bytes of KV state one decode step must read at ``context`` stored tokens."""
     layers, heads, d = layer_shapes(model)
     if method == "bf16":
         return 2 * layers * batch * heads * context * d * 2
     r = config.residual_length
-    fmt = CacheFormat(config.bits, config.group_size, r, config.rotate_values)
     quantized = context // r * r
-    per_layer = cache_nbytes(allocate_cache(batch, heads, max(quantized, r), d, fmt, torch.bfloat16, "meta"))
+    per_layer = cache_nbytes(allocate_cache(batch, heads, max(quantized, r), d, oscar_format(config), torch.bfloat16, "meta"))
     per_layer -= 2 * batch * heads * r * d * 2  # residual buffers: count what is read below
     per_layer = per_layer * quantized // max(quantized, r) + 2 * batch * heads * (context - quantized) * d * 2
     return layers * per_layer
 
 
+def cache_bytes_per_sequence(model, capacity: int, method: str, config: OScaRConfig) -> int:
+    """Bytes one sequence's cache holds at ``capacity`` positions (what limits the batch)."""
+    layers, heads, d = layer_shapes(model)
+    if method == "bf16":
+        return 2 * layers * heads * capacity * d * 2
+    r = config.residual_length
+    cap = -(-capacity // r) * r
+    return layers * cache_nbytes(allocate_cache(1, heads, cap, d, oscar_format(config), torch.bfloat16, "meta"))
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def floors_ms(model, batch, context, config, bw) -> dict:
+    w = weight_bytes(model)
+    return {m: (w + kv_read_bytes(model, batch, context, m, config)) / bw * 1e3 for m in ("bf16", "oscar")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# caches
 
 
 def fill_static(cache: StaticCache, model, batch: int, context: int, device: str):
@@ -106,7 +151,7 @@ def fill_static(cache: StaticCache, model, batch: int, context: int, device: str
 
 
 def fill_oscar(cache: OScaRCache, model, batch: int, context: int, device: str, chunk: int = 4096):
-    """Append ``context`` random tokens per layer through the real quantize-on-write op."""
+    """Append random tokens per layer through the real quantize-on-write op until ``context`` are stored."""
     layers, heads, d = layer_shapes(model)
     gen = torch.Generator(device=device).manual_seed(1)
     for layer in cache.oscar_layers:
@@ -115,140 +160,410 @@ def fill_oscar(cache: OScaRCache, model, batch: int, context: int, device: str, 
             layer.lazy_initialization(k, k)
         ct = cache_tensors(layer.keys, layer.values)
         fmt = layer.keys.fmt
-        for start in range(0, context, chunk):
+        for start in range(layer.host_length, context, chunk):
             n = min(chunk, context - start)
             nk = torch.randn(batch, heads, n, d, dtype=torch.bfloat16, device=device, generator=gen)
             nv = torch.randn(batch, heads, n, d, dtype=torch.bfloat16, device=device, generator=gen)
             ops.append_kv(ct, fmt, nk, nv)
         layer.values.lengths.copy_(layer.keys.lengths)
         layer.cumulative_length.fill_(context)
-        layer.host_length = context
+        layer.host_length, layer._host_stale = context, False
 
 
-def decode_timing(step, tokens, positions_start: int, steps: int, warmup: int, device: str):
-    """Run ``warmup`` + ``steps`` decode steps; returns (first-call seconds, median-free mean ms/step)."""
-    t0 = time.perf_counter()
-    step(tokens, positions_start)
-    sync(device)
-    first = time.perf_counter() - t0
-    for i in range(1, warmup):
-        step(tokens, positions_start + i)
-    sync(device)
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(steps):
-            step(tokens, positions_start + warmup + i)
-        end.record()
-        torch.cuda.synchronize()
-        return first, start.elapsed_time(end) / steps
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(tokens, positions_start + warmup + i)
-    return first, (time.perf_counter() - t0) * 1e3 / steps
+# ---------------------------------------------------------------------------------------------------
+# timing
 
 
-def make_step(model, cache, compiled, device):
+def make_step(model, cache, forward, device):
     kwarg = cache_kwarg_name(model)
     pos = torch.zeros(1, dtype=torch.long, device=device)
 
     def step(tokens, position):
         pos.fill_(position)
         with torch.no_grad():
-            return compiled(input_ids=tokens, cache_position=pos, use_cache=True, logits_to_keep=1, **{kwarg: cache})
+            return forward(input_ids=tokens, cache_position=pos, use_cache=True, logits_to_keep=1, **{kwarg: cache})
 
     return step
 
 
-def run_bf16(model, batch, context, args, device):
-    cache = StaticCache(config=model.config, max_cache_len=context + args.warmup + args.steps + 1)
-    fill_static(cache, model, batch, context, device)
-    compiled = torch.compile(model.forward, mode=args.mode, fullgraph=True) if args.mode != "eager" else model.forward
-    tokens = torch.ones(batch, 1, dtype=torch.long, device=device)
-    first, ms = decode_timing(make_step(model, cache, compiled, device), tokens, context, args.steps, args.warmup, device)
-    return first, ms
+def decode_timing(step, tokens, position: int, steps: int, warmup: int, device: str):
+    """``warmup`` + ``steps`` decode steps from ``position``; returns (first-call s, mean ms/step)."""
+    t0 = time.perf_counter()
+    step(tokens, position)
+    sync(device)
+    first = time.perf_counter() - t0
+    for i in range(1, warmup):
+        step(tokens, position + i)
+    sync(device)
+    t0 = time.perf_counter()
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    for i in range(steps):
+        step(tokens, position + warmup + i)
+    if device == "cuda":
+        end.record()
+        torch.cuda.synchronize()
+        return first, start.elapsed_time(end) / steps
+    return first, (time.perf_counter() - t0) * 1e3 / steps
 
 
-def run_oscar(model, batch, context, args, device, config):
-    cache = OScaRCache(model.config, max_cache_len=context + args.warmup + args.steps + 1, oscar_config=config)
-    fill_oscar(cache, model, batch, context, device)
-    tokens = torch.ones(batch, 1, dtype=torch.long, device=device)
-    first, ms = decode_timing(make_step(model, cache, model, device), tokens, context, args.steps, args.warmup, device)
-    return first, ms, cache.memory_report()
-
-
-def peak_memory(device):
-    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-
-
-def reset_peak(device):
+def reset_memory(device):
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / GiB if device == "cuda" else float("nan")
+
+
+def free_bytes(device) -> int:
+    if device != "cuda":
+        return 1 << 62
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
+class Runner:
+    """Holds the model, the compiled forward of the current method and the run's results."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.config = OScaRConfig.paper() if args.config == "paper" else OScaRConfig()
+        self.bw = copy_bandwidth(device)
+        self.model = build_model(args.model, device)
+        self.results = {"meta": self.meta(), "decode": [], "throughput": [], "prefill": [], "profile": []}
+        self.method = None
+        self.forward = None
+
+    def meta(self):
+        import transformers
+        import triton
+
+        a = self.args
+        return {
+            "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "model": a.model, "weights_gb": weight_bytes(self.model) / 1e9, "copy_tb_s": self.bw / 1e12,
+            "mode": a.mode, "config": a.config, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }  # fmt: skip
+
+    def use(self, method):
+        """Switch to ``method``: bf16 = torch.compile of the plain model; oscar = oscar.compile (in place)."""
+        if method == self.method:
+            return
+        if self.method == "oscar":
+            raise RuntimeError("bf16 runs must come before oscar.compile rewrites the model")
+        a = self.args
+        torch._dynamo.reset()
+        if method == "bf16":
+            fwd = self.model.forward
+            self.forward = torch.compile(fwd, mode=a.mode, fullgraph=True) if a.mode != "eager" else fwd
+        else:
+            kw = {"mode": a.mode} if a.mode not in ("eager", "default") else {}
+            oscar.compile(self.model, self.config, fullgraph=True, **kw)
+            self.forward = self.model
+        self.method = method
+
+    def new_cache(self, batch, capacity):
+        if self.method == "bf16":
+            return StaticCache(config=self.model.config, max_cache_len=capacity)
+        return OScaRCache(self.model.config, max_cache_len=capacity, oscar_config=self.config)
+
+    def fill(self, cache, batch, context):
+        (fill_static if self.method == "bf16" else fill_oscar)(cache, self.model, batch, context, self.device)
+
+    def fits(self, batch, capacity) -> tuple[bool, float]:
+        need = batch * cache_bytes_per_sequence(self.model, capacity, self.method, self.config)
+        return need < free_bytes(self.device) - self.args.reserve_gib * GiB, need / GiB
+
+    def time_decode(self, cache, batch, context):
+        a = self.args
+        tokens = torch.ones(batch, 1, dtype=torch.long, device=self.device)
+        step = make_step(self.model, cache, self.forward, self.device)
+        return decode_timing(step, tokens, context, a.steps, a.warmup, self.device)
+
+    # phases -----------------------------------------------------------------------------------------
+
+    def decode(self):
+        a = self.args
+        margin = a.warmup + a.steps + 1
+        for batch in a.batches:
+            cache = None
+            if self.method == "oscar":  # one cache, filled further per context
+                capacity = max(a.contexts) + margin * len(a.contexts)
+                ok, need = self.fits(batch, capacity)
+                cache = self.new_cache(batch, capacity) if ok else None
+            for context in sorted(a.contexts):
+                reset_memory(self.device)
+                row = {"method": self.method, "batch": batch, "context": context}
+                if self.method == "bf16":
+                    ok, need = self.fits(batch, context + margin)
+                    cache = self.new_cache(batch, context + margin) if ok else None
+                if cache is None:
+                    row["oom"] = f"needs {need:.1f} GiB of cache"
+                else:
+                    self.fill(cache, batch, context)
+                    first, ms = self.time_decode(cache, batch, context)
+                    row.update(ms=ms, first_s=first, peak_gib=peak_gib(self.device))
+                    if self.method == "oscar":
+                        context_now = context + a.warmup + a.steps  # the next fill continues from here
+                        for layer in cache.oscar_layers:
+                            layer.host_length, layer._host_stale = context_now, False
+                row["floors"] = floors_ms(self.model, batch, context, self.config, self.bw)
+                self.results["decode"].append(row)
+                print("decode", row, flush=True)
+                if self.method == "bf16":
+                    cache = None
+            del cache
+
+    def throughput(self):
+        a = self.args
+        ctx = a.throughput_context
+        capacity = ctx + a.warmup + a.steps + 1
+        per_seq = cache_bytes_per_sequence(self.model, capacity, self.method, self.config)
+        reset_memory(self.device)
+        room = free_bytes(self.device) - a.reserve_gib * GiB
+        largest = max(1, int(room // per_seq)) if self.device == "cuda" else a.cpu_max_batch
+        batches = [("max", largest)]
+        bf16_max = next((r["batch"] for r in self.results["throughput"] if r["method"] == "bf16" and r["kind"] == "max"), None)
+        if bf16_max is None and a.equal_batch:
+            bf16_max = a.equal_batch
+        if self.method == "oscar" and bf16_max:
+            batches.insert(0, ("equal", bf16_max))
+        for kind, batch in batches:
+            while batch >= 1:
+                reset_memory(self.device)
+                try:
+                    cache = self.new_cache(batch, capacity)
+                    self.fill(cache, batch, ctx)
+                    first, ms = self.time_decode(cache, batch, ctx)
+                except torch.OutOfMemoryError:
+                    del cache
+                    print(f"throughput {self.method} batch {batch}: out of memory, stepping down", flush=True)
+                    batch = int(batch * 0.85)
+                    continue
+                row = {"method": self.method, "kind": kind, "batch": batch, "context": ctx, "ms": ms,
+                       "tok_s": batch / ms * 1e3, "first_s": first, "peak_gib": peak_gib(self.device),
+                       "cache_gib": batch * per_seq / GiB,
+                       "floors": floors_ms(self.model, batch, ctx, self.config, self.bw)}  # fmt: skip
+                self.results["throughput"].append(row)
+                print("throughput", row, flush=True)
+                del cache
+                break
+
+    def prefill(self):
+        """Eager prefill of one prompt per length, batch 1; median of ``--prefill-reps`` after one warm-up."""
+        a = self.args
+        layers, heads, d = layer_shapes(self.model)
+        forward = self.model.forward  # eager (oscar.compile only replaces __call__'s compiled path)
+        for length in a.prefill_lengths:
+            reset_memory(self.device)
+            ids = torch.randint(0, self.model.config.vocab_size, (1, length), device=self.device)
+            times = []
+            for _ in range(a.prefill_reps + 1):
+                cache = DynamicCache() if self.method == "bf16" else self.new_cache(1, length + 1)
+                sync(self.device)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    forward(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg_name(self.model): cache})
+                sync(self.device)
+                times.append(time.perf_counter() - t0)
+                del cache
+            row = {"method": self.method, "length": length, "ms": sorted(times[1:])[len(times[1:]) // 2] * 1e3,
+                   "peak_gib": peak_gib(self.device)}  # fmt: skip
+            if self.method == "oscar":  # the quantize-on-write op alone: every layer's append of the prompt
+                fmt = oscar_format(self.config)
+                caches = [allocate_cache(1, heads, -(-length // fmt.residual_length) * fmt.residual_length, d, fmt,
+                                         torch.bfloat16, self.device) for _ in range(layers)]  # fmt: skip
+                k = torch.randn(1, heads, length, d, dtype=torch.bfloat16, device=self.device)
+                reps = []
+                for _ in range(a.prefill_reps + 1):
+                    for c in caches:
+                        c.lengths.zero_()
+                    sync(self.device)
+                    t0 = time.perf_counter()
+                    for c in caches:
+                        ops.append_kv(c, fmt, k, k)
+                    sync(self.device)
+                    reps.append(time.perf_counter() - t0)
+                row["append_ms"] = sorted(reps[1:])[len(reps[1:]) // 2] * 1e3
+                del caches
+            self.results["prefill"].append(row)
+            print("prefill", row, flush=True)
+
+    def profile(self):
+        a = self.args
+        batch, context = a.profile_point
+        reset_memory(self.device)
+        capacity = context + a.warmup + a.steps + 16
+        if not self.fits(batch, capacity)[0]:
+            return
+        cache = self.new_cache(batch, capacity)
+        self.fill(cache, batch, context)
+        tokens = torch.ones(batch, 1, dtype=torch.long, device=self.device)
+        step = make_step(self.model, cache, self.forward, self.device)
+        decode_timing(step, tokens, context, 2, a.warmup, self.device)  # compiled and warm
+        n = 5
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.device == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            for i in range(n):
+                step(tokens, context + a.warmup + 2 + i)
+            sync(self.device)
+        row = {"method": self.method, "batch": batch, "context": context, **summarize_profile(prof, n, self.device)}
+        self.results["profile"].append(row)
+        print("profile", json.dumps(row, indent=1), flush=True)
+        del cache
+
+
+KERNEL_CATEGORIES = [  # first match wins; names from the H200 traces (cuBLAS/cuDNN/flash/Inductor/ours)
+    ("oscar attention", r"_cache_attn|cache_attention"),
+    ("oscar append (quantize-on-write)", r"_append|append_kv"),
+    ("bf16 attention (SDPA)", r"flash|fmha|attention|cudnn|sdpa"),
+    ("GEMM/GEMV (cuBLAS)", r"gemm|gemv|nvjet|cutlass|sm90_xmma|splitk|cublas"),
+    ("Inductor fused (norms, rope, etc.)", r"^triton_"),
+]
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def summarize_profile(prof, steps: int, device: str) -> dict:
+    """Device microseconds per step by category and for the top kernels; host-sync CUDA calls per step."""
+    per_kernel, syncs, launches = defaultdict(float), 0, 0
+    for evt in prof.events():
+        name = evt.name
+        if device == "cuda" and evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[name] += evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+        if evt.device_type == torch.autograd.DeviceType.CPU:
+            if any(name.startswith(s) for s in SYNC_CALLS) and "Async" not in name:
+                syncs += 1
+            if name.startswith("cudaGraphLaunch"):
+                launches += 1
+    categories = defaultdict(float)
+    for name, us in per_kernel.items():
+        cat = next((c for c, pat in KERNEL_CATEGORIES if re.search(pat, name, re.IGNORECASE)), "other")
+        categories[cat] += us / steps
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "device_us_per_step": sum(per_kernel.values()) / steps,
+        "categories_us_per_step": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+        "top_kernels_us_per_step": [(n[:90], us / steps) for n, us in top],
+        # the last sync is the profiler block's own torch.cuda.synchronize()
+        "host_syncs_per_step": max(0, syncs - 1) / steps,
+        "graph_launches_per_step": launches / steps,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+
+
+def report(results: list[dict]):
+    """Print one table per phase from one or more runs' results (each row keeps its own run's floors)."""
+    metas = [r["meta"] for r in results]
+    for m in metas:
+        print(f"run: {m['date']}, {m['device']}, torch {m['torch']}, triton {m['triton']}, transformers "
+              f"{m['transformers']}, model {m['model']} ({m['weights_gb']:.2f} GB bf16 weights, random), "
+              f"copy bandwidth {m['copy_tb_s']:.2f} TB/s, mode {m['mode']}, OScaR config {m['config']}")  # fmt: skip
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else ""
+
+    dec = {(r["batch"], r["context"], r["method"]): r for res in results for r in res["decode"]}
+    rows = []
+    for b, c in sorted({(b, c) for b, c, _ in dec}):
+        bf, os_ = dec.get((b, c, "bf16")), dec.get((b, c, "oscar"))
+        fl = (os_ or bf)["floors"]
+
+        def cell(r, key, fmt):
+            return "" if r is None else r.get("oom", "OOM")[:24] if "ms" not in r else fmt.format(r[key])
+
+        rows.append([b, c, cell(bf, "ms", "{:.2f}"), cell(os_, "ms", "{:.2f}"),
+                     ratio(bf and bf.get("ms"), os_ and os_.get("ms")), f"{fl['bf16']:.2f}", f"{fl['oscar']:.2f}",
+                     ratio(bf and bf.get("ms"), fl["bf16"]), ratio(os_ and os_.get("ms"), fl["oscar"]),
+                     cell(bf, "peak_gib", "{:.1f}") + " / " + cell(os_, "peak_gib", "{:.1f}"),
+                     cell(bf, "first_s", "{:.1f}") + " / " + cell(os_, "first_s", "{:.1f}")])  # fmt: skip
+    if rows:
+        print("\n(a) decode ms/token (mean of timed steps, CUDA graphs)")
+        print(tabulate(rows, headers=["batch", "context", "bf16 ms", "OScaR ms", "speedup", "bf16 floor",
+                                      "INT2 floor", "bf16/floor", "OScaR/floor", "peak GiB bf16/OScaR",
+                                      "first call s bf16/OScaR"], tablefmt="github"))  # fmt: skip
+    thr = [r for res in results for r in res["throughput"]]
+    if thr:
+        best_bf16 = max((r["tok_s"] for r in thr if r["method"] == "bf16"), default=None)
+        rows = [[r["method"], r["kind"], r["batch"], r["context"], f"{r['ms']:.2f}", f"{r['tok_s']:.0f}",
+                 ratio(r["tok_s"], best_bf16), f"{r['floors'][r['method']]:.2f}", ratio(r["ms"], r["floors"][r["method"]]),
+                 f"{r['cache_gib']:.1f}", f"{r['peak_gib']:.1f}", f"{r['first_s']:.1f}"] for r in thr]  # fmt: skip
+        print("\n(b) decode throughput")
+        print(tabulate(rows, headers=["method", "batch kind", "batch", "context", "ms/step", "tokens/s",
+                                      "vs bf16 max", "floor ms", "measured/floor", "cache GiB", "peak GiB",
+                                      "first call s"], tablefmt="github"))  # fmt: skip
+    pre = {(r["length"], r["method"]): r for res in results for r in res["prefill"]}
+    rows = []
+    for length in sorted({n for n, _ in pre}):
+        bf, os_ = pre.get((length, "bf16")), pre.get((length, "oscar"))
+        rows.append([length, f"{bf['ms']:.1f}" if bf else "", f"{os_['ms']:.1f}" if os_ else "",
+                     f"{(os_['ms'] / bf['ms'] - 1) * 100:+.1f}%" if bf and os_ else "",
+                     f"{os_['append_ms']:.2f}" if os_ else "",
+                     f"{os_['append_ms'] / bf['ms'] * 100:.2f}%" if bf and os_ else ""])  # fmt: skip
+    if rows:
+        print("\n(d) prefill, batch 1, eager (median)")
+        print(tabulate(rows, headers=["prompt", "bf16 ms (DynamicCache, SDPA)", "OScaR ms", "OScaR overhead",
+                                      "quantize-on-write ms (all layers)", "quantize-on-write / bf16 prefill"],
+                       tablefmt="github"))  # fmt: skip
+    for res in results:
+        for p in res["profile"]:
+            print(f"\nprofile: {p['method']} batch {p['batch']} context {p['context']}: device "
+                  f"{p['device_us_per_step']:.0f} us/step, host syncs/step {p['host_syncs_per_step']:.1f}, "
+                  f"graph launches/step {p['graph_launches_per_step']:.1f}")  # fmt: skip
+            print(tabulate([[c, f"{us:.0f}"] for c, us in p["categories_us_per_step"].items()],
+                           headers=["category", "us/step"], tablefmt="github"))  # fmt: skip
+            print(tabulate([[n, f"{us:.1f}"] for n, us in p["top_kernels_us_per_step"]],
+                           headers=["kernel", "us/step"], tablefmt="github"))  # fmt: skip
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="8b")
-    p.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 131072])
-    p.add_argument("--batches", type=int, nargs="*", default=[1])
+    p.add_argument("--phases", nargs="*", default=["decode", "throughput", "prefill", "profile"],
+                   choices=["decode", "throughput", "prefill", "profile"])
+    p.add_argument("--methods", nargs="*", default=["bf16", "oscar"], choices=["bf16", "oscar"])
+    p.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 65536, 131072])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--throughput-context", type=int, default=4096)
+    p.add_argument("--equal-batch", type=int, default=None, help="OScaR's equal-batch point when bf16 is not run")
+    p.add_argument("--reserve-gib", type=float, default=8.0, help="memory kept free for activations/graph pools")
+    p.add_argument("--cpu-max-batch", type=int, default=4)
+    p.add_argument("--prefill-lengths", type=int, nargs="*", default=[4096, 32768])
+    p.add_argument("--prefill-reps", type=int, default=3)
+    p.add_argument("--profile-point", type=int, nargs=2, default=[1, 131072], metavar=("BATCH", "CONTEXT"))
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both paths, or 'eager'")
-    p.add_argument("--methods", nargs="*", default=["bf16", "oscar"])
     p.add_argument("--config", choices=["paper", "default"], default="paper",
                    help="OScaR preset; speed does not depend on it (key flags are read per head at run time)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--report", nargs="*", help="print the tables of earlier --json results and exit")
     args = p.parse_args()
+    if args.report:
+        report([json.load(open(f)) for f in args.report])
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.mode == "reduce-overhead":
         args.mode = "default"
-
-    bw = copy_bandwidth(device)
-    model = build_model(args.model, device)
-    wbytes = weight_bytes(model)
-    config = OScaRConfig.paper() if args.config == "paper" else OScaRConfig()
-    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"model {args.model} ({wbytes / 1e9:.2f} GB bf16 weights), copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-
-    grid = [(b, c) for b in args.batches for c in args.contexts]
-    results = {}
-    # bf16 first, on the untouched model; then oscar.compile rewrites the same model in place
+    run = Runner(args, device)
+    print(run.results["meta"], flush=True)
     for method in [m for m in ("bf16", "oscar") if m in args.methods]:
-        if method == "oscar":
-            torch._dynamo.reset()
-            compile_kwargs = {"mode": args.mode} if args.mode not in ("eager", "default") else {}
-            oscar.compile(model, config, fullgraph=True, **compile_kwargs)
-        for batch, context in grid:
-            reset_peak(device)
-            try:
-                if method == "bf16":
-                    first, ms = run_bf16(model, batch, context, args, device)
-                    extra = ""
-                else:
-                    first, ms, mem = run_oscar(model, batch, context, args, device, config)
-                    extra = f"KV {mem['oscar_bytes'] / 2**30:.2f} vs {mem['static_cache_bytes'] / 2**30:.2f} GiB"
-                results[batch, context, method] = (ms, first, peak_memory(device), extra)
-            except torch.OutOfMemoryError:
-                results[batch, context, method] = None
-            print(method, batch, context, results[batch, context, method], flush=True)
-
-    rows = []
-    for batch, context in grid:
-        floors = {m: (wbytes + kv_read_bytes(model, batch, context, m, config)) / bw * 1e3 for m in ("bf16", "oscar")}
-        for method in args.methods:
-            r = results.get((batch, context, method))
-            if r is None:
-                rows.append([args.model, batch, context, method, "OOM"] + [""] * 6)
-                continue
-            ms, first, peak, extra = r
-            rows.append([args.model, batch, context, method, f"{ms:.2f}", f"{floors['bf16']:.2f}", f"{floors['oscar']:.2f}",
-                         f"{ms / floors[method]:.2f}", f"{peak:.1f}", f"{first:.1f}", extra])  # fmt: skip
-        both = [results.get((batch, context, m)) for m in ("bf16", "oscar")]
-        if all(both):
-            rows.append(["", "", "", "speedup", f"{both[0][0] / both[1][0]:.2f}x"] + [""] * 6)
-    print(tabulate(rows, headers=["model", "batch", "context", "method", "ms/token", "bf16 floor ms", "INT2 floor ms",
-                                  "measured/floor", "peak GiB", "first call s", "KV memory"]))  # fmt: skip
+        run.use(method)
+        for phase in ("prefill", "decode", "throughput", "profile"):  # prefill first: eager, no compile state
+            if phase in args.phases:
+                getattr(run, phase)()
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(run.results, f, indent=1)
+    report([run.results])
 
 
 if __name__ == "__main__":
