@@ -54,13 +54,17 @@ BACKENDS = {
 }
 LLAMA8B_WEIGHT_BYTES = 16.06e9  # bf16 parameters of Llama-3.1-8B, read once per decode step
 LAYERS = 32
-# stage-1 variants tried by --sweep (the first run's sweep, 2026-11-28: block_n 64/128 x warps 4/8 x
-# magic on/off x programs/SM 1/2/4 -> best block_n 128, 4 warps, 3 stages, 2 programs per SM, 203 us)
+# stage-1 variants tried by --sweep (on top of the current kernels.cache_attention.TUNING; the H200
+# sweep of 2026-11-28 is in benchmarks/README.md)
 SWEEP = [
-    dict(block_n=32, num_warps=4, num_stages=4),
-    dict(block_n=64, num_warps=4, num_stages=4),
-    dict(block_n=128, num_warps=4, num_stages=2),
+    dict(num_stages=1),
+    dict(num_stages=2),
+    dict(maxnreg=96),
+    dict(maxnreg=168),
+    dict(residual_splits=1),
+    dict(min_tiles=4),
 ]
+COMPARE = None  # --compare MODULE: another cache_attention implementation timed as column "cmp"
 
 
 def bench_graph(calls, warmup=25, rep=200):
@@ -166,6 +170,12 @@ def bench_case(name, batch, ctx, bits_list, copy_bw, sdpa=True):
             for q, c, nk in zip(qs, caches, nks)
         ]
         us = bench_graph(calls)
+        if COMPARE is not None:
+            cmp_calls = [
+                (lambda q=q, c=c, nk=nk: COMPARE.cache_attention(q, c, fmt, nk, nk))
+                for q, c, nk in zip(qs, caches, nks)
+            ]
+            row[f"cmp{bits}"] = bench_graph(cmp_calls)
         row[f"oscar{bits}"] = us
         row[f"oscar{bits}_bytes"] = nbytes
         row[f"oscar{bits}_tbps"] = nbytes / (us * 1e-6) / 1e12
@@ -202,23 +212,22 @@ def bench_append(batch, copy_bw, attn_us_by_ctx):
     return out
 
 
-def sweep(copy_bw):
-    """Stage-1 launch parameters at batch 1, 128K, 32/8 heads, D=128, 2 bits."""
+def sweep(copy_bw, contexts=(8192, 131072)):
+    """Stage-1 launch parameters at batch 1, 32/8 heads, D=128, 2 bits; best by the longest context."""
     results = []
     configs = [dict(cache_attention_module.TUNING)]  # the current defaults first
     configs += [dict(configs[0], **cfg) for cfg in SWEEP]
     for cfg in configs:
         cache_attention_module.TUNING.update(cfg)
         try:
-            row = bench_case("llama8b", 1, 131072, [2], copy_bw, sdpa=False)
-            results.append((row["oscar2"], dict(cache_attention_module.TUNING)))
+            times = [bench_case("llama8b", 1, ctx, [2], copy_bw, sdpa=False)["oscar2"] for ctx in contexts]
+            results.append((times, dict(cache_attention_module.TUNING)))
+            print(f"  sweep {' / '.join(f'{t:7.1f}' for t in times)} us  {cfg}", flush=True)
         except Exception as exc:
-            print("sweep config failed", cfg, type(exc).__name__, str(exc)[:200])
-    for us, cfg in sorted(results, key=lambda x: x[0]):
-        print(f"  sweep {us:8.1f} us  {cfg}")
-    best = min(results, key=lambda x: x[0])
+            print("sweep config failed", cfg, type(exc).__name__, str(exc)[:200], flush=True)
+    best = min(results, key=lambda x: x[0][-1])
     cache_attention_module.TUNING.update(best[1])
-    print("sweep best:", best)
+    print(f"sweep best (contexts {contexts}):", best, flush=True)
     return results
 
 
@@ -235,6 +244,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="sweep stage-1 launch parameters first")
     ap.add_argument("--quick", action="store_true", help="batch 1, contexts 8K and 128K")
     ap.add_argument("--json", default=None, help="write all measurements here")
+    ap.add_argument("--compare", default=None, help="module with another cache_attention, timed as 'cmp'")
+    ap.add_argument("--no-append", action="store_true", help="skip the quantize-on-write measurements")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_attention.py needs a CUDA GPU")
@@ -251,6 +262,11 @@ def main():
     print(f"copy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s", flush=True)
     sweep_results = sweep(copy_bw) if args.sweep else None
     print("stage-1 tuning:", cache_attention_module.TUNING, flush=True)
+    if args.compare:
+        global COMPARE
+        import importlib
+
+        COMPARE = importlib.import_module(args.compare)
 
     rows = []
     for name in args.shapes:
@@ -261,7 +277,7 @@ def main():
                 print(json.dumps(row), flush=True)
 
     attn_b1 = {r["ctx"]: r["oscar2"] for r in rows if r["shape"].startswith("llama8b") and r["batch"] == 1 and "oscar2" in r}
-    appends = [bench_append(b, copy_bw, attn_b1 if b == 1 else {}) for b in (1, 32)]
+    appends = [] if args.no_append else [bench_append(b, copy_bw, attn_b1 if b == 1 else {}) for b in (1, 32)]
     for a in appends:
         print(json.dumps(a), flush=True)
 
@@ -285,10 +301,14 @@ def main():
                 f"{r[f'oscar{bits}_speedup']:.2f}x" if r.get(f"oscar{bits}_speedup") else "n/a",
                 f"{r[f'oscar{bits}_tbps']:.2f} ({r[f'oscar{bits}_pct_copy']:.0f}%)",
             ]
+            if args.compare:
+                line += [fmt_us(r.get(f"cmp{bits}"))]
         table.append(line)
     cols = ["shape", "B", "ctx", "cuDNN us", "flash us", "eff. us", "best"]
     for bits in args.bits:
         cols += [f"INT{bits} us", f"INT{bits} vs best", f"INT{bits} TB/s (%copy)"]
+        if args.compare:
+            cols += [f"INT{bits} cmp us"]
     print()
     print(header)
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; stage-1 tuning {cache_attention_module.TUNING}")

@@ -12,10 +12,11 @@ the same model in place and the OScaR runs follow):
 * ``decode``: ms/token at each batch x context. bf16 gets a ``StaticCache`` sized to the context (its best
   case: StaticCache attention reads the whole capacity every step); OScaR one cache per batch sized for the
   longest context, filled further between contexts (its attention reads only the stored tokens).
-* ``throughput``: tokens/s at ``--throughput-context`` for the largest batch each method fits in GPU memory
-  (computed from the free memory after loading the model and the exact per-sequence cache bytes, minus a
-  reserve for activations and CUDA graph pools; stepped down by 15% on an out-of-memory error), and for
-  OScaR at bf16's largest batch (equal batch).
+* ``throughput``: tokens/s at ``--throughput-context`` for the largest batch each method fits in GPU memory,
+  and for OScaR at bf16's largest batch (equal batch). The largest batch: start from the free memory after
+  loading the model over the exact per-sequence cache bytes, run one *eager* decode step there (stepping
+  down 10% per out-of-memory error; eager OOMs are recoverable, those inside CUDA-graph recording are
+  not), then time the compiled model at 90% of the batch that passed (room for the graph pools).
 * ``prefill``: eager forward of one prompt (batch 1): bf16 with a ``DynamicCache`` (SDPA, is_causal:
   transformers' fastest prefill) vs OScaR (attention over the prompt + quantize-on-write of it), plus the
   quantize-on-write op alone (``oscar::append_kv`` of the prompt's keys/values, every layer).
@@ -150,9 +151,10 @@ def fill_static(cache: StaticCache, model, batch: int, context: int, device: str
         layer.values[:, :, :context].normal_(generator=gen)
 
 
-def fill_oscar(cache: OScaRCache, model, batch: int, context: int, device: str, chunk: int = 4096):
+def fill_oscar(cache: OScaRCache, model, batch: int, context: int, device: str):
     """Append random tokens per layer through the real quantize-on-write op until ``context`` are stored."""
     layers, heads, d = layer_shapes(model)
+    chunk = max(128, min(4096, 32768 // batch))  # bounded scratch at large batches
     gen = torch.Generator(device=device).manual_seed(1)
     for layer in cache.oscar_layers:
         k = torch.empty(batch, heads, 1, d, dtype=torch.bfloat16, device=device)
@@ -335,25 +337,42 @@ class Runner:
         if self.method == "oscar" and bf16_max:
             batches.insert(0, ("equal", bf16_max))
         for kind, batch in batches:
-            while batch >= 1:
-                reset_memory(self.device)
-                try:
-                    cache = self.new_cache(batch, capacity)
-                    self.fill(cache, batch, ctx)
-                    first, ms = self.time_decode(cache, batch, ctx)
-                except torch.OutOfMemoryError:
-                    del cache
-                    print(f"throughput {self.method} batch {batch}: out of memory, stepping down", flush=True)
-                    batch = int(batch * 0.85)
-                    continue
-                row = {"method": self.method, "kind": kind, "batch": batch, "context": ctx, "ms": ms,
-                       "tok_s": batch / ms * 1e3, "first_s": first, "peak_gib": peak_gib(self.device),
-                       "cache_gib": batch * per_seq / GiB,
-                       "floors": floors_ms(self.model, batch, ctx, self.config, self.bw)}  # fmt: skip
-                self.results["throughput"].append(row)
-                print("throughput", row, flush=True)
+            if kind == "max" and self.device == "cuda":
+                batch = max(1, int(self.largest_eager_batch(batch, capacity, ctx) * 0.9))
+            reset_memory(self.device)
+            row = {"method": self.method, "kind": kind, "batch": batch, "context": ctx, "cache_gib": batch * per_seq / GiB,
+                   "floors": floors_ms(self.model, batch, ctx, self.config, self.bw)}  # fmt: skip
+            try:
+                cache = self.new_cache(batch, capacity)
+                self.fill(cache, batch, ctx)
+                first, ms = self.time_decode(cache, batch, ctx)
+                row.update(ms=ms, tok_s=batch / ms * 1e3, first_s=first, peak_gib=peak_gib(self.device))
+            except torch.OutOfMemoryError:
+                row["oom"] = "out of memory in the compiled run"
+            self.results["throughput"].append(row)
+            print("throughput", row, flush=True)
+            cache = None
+
+    def largest_eager_batch(self, batch: int, capacity: int, ctx: int) -> int:
+        """Largest batch (from ``batch`` down, -10% per try) whose eager decode step fits in memory."""
+        kwarg = cache_kwarg_name(self.model)
+        while batch > 1:
+            reset_memory(self.device)
+            cache = None
+            try:
+                cache = self.new_cache(batch, capacity)
+                tokens = torch.ones(batch, 1, dtype=torch.long, device=self.device)
+                with torch.no_grad():
+                    self.model.forward(input_ids=tokens, cache_position=torch.tensor([ctx], device=self.device),
+                                       use_cache=True, logits_to_keep=1, **{kwarg: cache})  # fmt: skip
+                sync(self.device)
+                return batch
+            except torch.OutOfMemoryError:
+                print(f"throughput {self.method}: eager step at batch {batch} out of memory", flush=True)
+                batch = int(batch * 0.9)
+            finally:
                 del cache
-                break
+        return batch
 
     def prefill(self):
         """Eager prefill of one prompt per length, batch 1; median of ``--prefill-reps`` after one warm-up."""
@@ -492,10 +511,11 @@ def report(results: list[dict]):
                                       "first call s bf16/OScaR"], tablefmt="github"))  # fmt: skip
     thr = [r for res in results for r in res["throughput"]]
     if thr:
-        best_bf16 = max((r["tok_s"] for r in thr if r["method"] == "bf16"), default=None)
+        best_bf16 = max((r["tok_s"] for r in thr if r["method"] == "bf16" and "tok_s" in r), default=None)
         rows = [[r["method"], r["kind"], r["batch"], r["context"], f"{r['ms']:.2f}", f"{r['tok_s']:.0f}",
                  ratio(r["tok_s"], best_bf16), f"{r['floors'][r['method']]:.2f}", ratio(r["ms"], r["floors"][r["method"]]),
-                 f"{r['cache_gib']:.1f}", f"{r['peak_gib']:.1f}", f"{r['first_s']:.1f}"] for r in thr]  # fmt: skip
+                 f"{r['cache_gib']:.1f}", f"{r['peak_gib']:.1f}", f"{r['first_s']:.1f}"] if "ms" in r else
+                [r["method"], r["kind"], r["batch"], r["context"], r.get("oom", "")] + [""] * 7 for r in thr]  # fmt: skip
         print("\n(b) decode throughput")
         print(tabulate(rows, headers=["method", "batch kind", "batch", "context", "ms/step", "tokens/s",
                                       "vs bf16 max", "floor ms", "measured/floor", "cache GiB", "peak GiB",

@@ -20,7 +20,8 @@ from .attention_ref import quantized_attention_ref
 from .cache_layout import CacheFormat, CacheTensors
 from .hadamard import hadamard_block_size
 from .quantization import QuantizedKeys, QuantizedValues
-from .triton_utils import _fwht_rows, _to_dtype, _unpack_channels_f16, _unpack_tokens_f16, next_pow2, num_sms
+from .new_token_attention import causal_attention_lse, merge_attention, uses_dense_new_tokens
+from .triton_utils import _codes_f16, _fwht_rows, _to_dtype, next_pow2, num_sms
 
 __all__ = ["cache_attention", "cache_attention_ref", "check_attention_inputs", "num_kv_splits"]
 
@@ -129,26 +130,38 @@ def cache_attention_ref(
 # ---------------------------------------------------------------------------------------------------
 # Triton split-K ("flash-decoding") attention over the packed cache
 #
-# Rows: the GROUP query heads of one kv head times the T_q query positions, row = i * GROUP + g, in
-# blocks of BLOCK_M (>= 16 for tl.dot). GQA: every program serves all query heads of its kv head, so
-# the packed cache is read once per kv head.
-#   stage 1, _cache_attn_split_kernel, grid (B * Hkv, SPLITS, row blocks): one split of the quantized
-#     prefix [0, Q). Streams packed key codes + fp16 (mn, scale) + fp32 token norms, dequantizes in
-#     registers, scores against the rotated query (per-head flag), multiplies by the token norm
-#     (per-head flag), online softmax in fp32 with exp2, P @ V with dequantized value codes (still in
-#     the rotated value space). Writes the split's normalized output and log2-sum-exp (fp32 scratch).
-#   stage 2, _cache_attn_merge_kernel, grid (B * Hkv, GROUP * T_q): one program per query row. Loads
-#     all splits' partials at once, merges them by LSE, applies the inverse value rotation H
-#     (symmetric, self-inverse; block-diagonal for non-power-of-two D) once to the merged output, then
-#     continues the same online softmax over the full-precision residual tokens and the step's new
-#     tokens (original space, fp32, causal) and writes the output; left-padding rows write zeros.
-# Large T_q (prefill chunks) runs the same two kernels (more row blocks, usually one split): correct
-# for any T_q, but the per-row new-token loop costs O(T_q^2) vector work per kv head, so long prompts
-# are slow on this path (prefill speed is not tuned). Measured decode speed on the H200 and what
-# limits it: benchmarks/README.md (slower than cuDNN bf16 today: dequantization is not hidden).
-
-_LOG2E = 1.4426950408889634
-
+# stage 1, _cache_attn_split_kernel, grid (B * Hkv, SPLITS + RSPLITS, row blocks). Programs split < SPLITS
+#   each stream one slice of the quantized prefix [0, Q); the RSPLITS programs after them each attend
+#   to a slice of the full-precision residual window (the last one also to the step's new tokens;
+#   original space, fp32, causal). Each writes its normalized partial output and log2-sum-exp (fp32).
+# stage 2, _cache_attn_merge_kernel, grid (B * Hkv, GROUP * T_q): merges the quantized splits by LSE,
+#   applies the inverse value rotation H once, then merges in the residual partials (one shot).
+#
+# The quantized stage never dequantizes keys and never interleaves bit fields back into token/channel
+# order:
+# * Rows. A program serves RB query rows (row = i * GROUP + g: all query heads of its kv head, so the
+#   packed cache is read once per kv head) times the NGT = BLOCK_N / G quantization groups of a tile:
+#   tile row m = gt * RB + r. Row (gt, r) only scores the tokens of group gt of every tile, so each
+#   row is an independent online softmax over a quarter of the tokens; the NGT rows of one query row
+#   are merged by LSE once, after the loop. With 4 query heads per kv head and T_q = 1 the 16 rows of
+#   the MMA are all real work (no padding to M = 16).
+# * Keys, algebraically: score = n_t * (q . mn_gt + sum_d (q_d * scale_{gt,d}) * code_{t,d}). Per tile
+#   and row the fp16 operand is q * scale of the row's group and the bias q . mn is an fp32 row sum;
+#   the codes are small exact integers in fp16. Keys are packed along tokens (byte (j, d) holds tokens
+#   PB*j + i at bits BITS*i, PB = 8 // BITS): token subset i is the [BLOCK_N / PB, D] tile
+#   (bytes >> BITS*i) & MASK, scored with its own tl.dot; rows of other groups are masked to -inf.
+# * Values are dequantized (fp16 FMA with the per-token, per-32-channel parameters) per token subset i
+#   (rows PB*j + i) and channel subset k (channels PB*c + k, the bit fields of the packed bytes), each a
+#   [BLOCK_N / PB, D / PB] tile (loaded as [tokens, channel group, byte] so one parameter load serves
+#   a group's bytes); accumulator k holds output channels PB*c + k and is stored to those columns.
+# * Bit fields become fp16 four bytes at a time in inline PTX (triton_utils._codes_f16), in the MMA
+#   operand layout (Triton converts the packed bytes, not the fp16 codes, to that layout).
+# What limits it now (SASS for sm_90 + the H200 sweep): ~6 instructions per cached element per tile,
+# mostly the value path (bytes of 4 token rows regathered per MMA fragment, parameters broadcast
+# through shared memory) and ~60 barriers per tile; latency-bound at 4 CTAs per SM.
+# Large T_q (prefill chunks) runs the same kernels (more row blocks): correct for any T_q, but each row
+# block re-reads the cache and the new-token loop is O(T_q^2) per kv head (prefill speed is not tuned).
+# Measured decode speed on the H200: benchmarks/README.md.
 
 @triton.jit
 def _softcap_log2(x, softcap):
@@ -159,160 +172,92 @@ def _softcap_log2(x, softcap):
 
 
 @triton.jit
-def _row_setup(lengths, skip, b, mb, T_Q, MAX_LEN,  #
-               GROUP: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,  #
-               HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr):  # fmt: skip
-    # Per-sequence counts and per-row query positions (see cache_attention_ref for the semantics).
-    length = tl.minimum(tl.load(lengths + b), MAX_LEN)
-    n_quant = length // R * R
-    s = 0
-    if HAS_SKIP:
-        s = tl.minimum(tl.maximum(tl.load(skip + b).to(tl.int32), 0), T_Q)
-    n_q = T_Q - s
-    total = length
-    if HAS_NEW:
-        total = length + n_q
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    qi = rows // GROUP
-    qg = rows % GROUP
-    row_ok = (qi < T_Q) & (qi >= s)
-    q_pos = total - n_q + qi - s
-    return length, n_quant, s, n_q, total, qi, qg, row_ok, q_pos
-
-
-@triton.jit
-def _cache_attn_split_kernel(
-    q, key_codes, key_mn, key_scale, key_norms, val_codes, val_mn, val_scale,  #
-    lengths, skip, key_rotated, key_scaled, part_o, part_lse,  #
-    qk_scale, softcap, window, hscale, T_Q, MAX_LEN,  #
-    sqb, sqh, sqt, sqd,  #
-    skcb, skch, skct, skcd, skmb, skmh, skmg, skmd, sknb, sknt,  #
-    svcb, svch, svct, svcd, svmb, svmh, svmt, svmg,  #
-    HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
-    LOG2_HB: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr,  #
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, NUM_MB: tl.constexpr,  #
-    HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,  #
-    MAGIC: tl.constexpr,  #
-):
-    # Inductor passes Python floats to user Triton kernels as fp64; keep all math in fp32
-    qk_scale, softcap, hscale = tl.cast(qk_scale, tl.float32), tl.cast(softcap, tl.float32), tl.cast(hscale, tl.float32)
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    mb = tl.program_id(2)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
-    PER_BYTE: tl.constexpr = 8 // BITS
-    NG: tl.constexpr = D_PAD // G
-    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
-    length, n_quant, s, n_q, total, qi, qg, row_ok, q_pos = _row_setup(
-        lengths, skip, b, mb, T_Q, MAX_LEN, GROUP, R, BLOCK_M, HAS_SKIP, HAS_NEW)
-
-    # this split's token range inside [lo, n_quant), in whole BLOCK_N tiles (n_quant is a multiple of
-    # R, and BLOCK_N divides R, so tiles never straddle the end of the quantized prefix)
-    lo = 0
-    if WINDOW:
-        first_i = tl.maximum((mb * BLOCK_M) // GROUP, s)
-        lo = tl.maximum(total - n_q + first_i - s - window + 1, 0) // BLOCK_N * BLOCK_N
-    span = tl.maximum(n_quant - lo, 0)
-    chunk = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_N) * BLOCK_N
-    start = lo + split * chunk
-    end = tl.minimum(start + chunk, n_quant)
-
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
-    q_ptrs = q + b * sqb + (h * GROUP + qg)[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd
-    qf = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    rot = tl.load(key_rotated + h) != 0
-    scl = tl.load(key_scaled + h) != 0
-    qf = tl.where(rot, _fwht_rows(qf, BLOCK_M, D_PAD, LOG2_HB) * hscale, qf)
-    if SOFTCAP:
-        qd = (qf * qk_scale).to(tl.float16)
+def _key_subset_scores(kb, i: tl.constexpr, qt, bias, nrm_ptrs, scl, gsel, tok, q_pos, n_quant, softcap, window,  #
+                       BITS: tl.constexpr, ASM: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,  #
+                       CAUSAL: tl.constexpr, MASK_N: tl.constexpr):  # fmt: skip
+    # scores (log2 units) of token subset i of a tile: tokens tok = t0 + PB * j + i, [BM, BLOCK_N / PB]
+    codes = _codes_f16(kb, BITS, i, ASM)
+    sc = tl.dot(qt, tl.trans(codes)) + bias[:, None]
+    if MASK_N:
+        nrm = tl.load(nrm_ptrs, mask=tok < n_quant, other=1.0)
     else:
-        qd = (qf * (qk_scale * 1.4426950408889634)).to(tl.float16)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    # pointers advance by one tile per iteration (no per-element index math in the loop)
-    kc_ptrs = key_codes + b * skcb + h * skch + offs_d[None, :] * skcd \
-        + (start // PER_BYTE + tl.arange(0, BLOCK_N // PER_BYTE))[:, None] * skct
-    km_offs = b * skmb + h * skmh + offs_d[None, :] * skmd + (start // G + tl.arange(0, BLOCK_N // G))[:, None] * skmg
-    nrm_ptrs = key_norms + b * sknb + (start + tl.arange(0, BLOCK_N)) * sknt
-    vc_cols = tl.arange(0, D_PAD // PER_BYTE)
-    vm_cols = tl.arange(0, NG)
-    vc_ptrs = val_codes + b * svcb + h * svch + vc_cols[None, :] * svcd + (start + tl.arange(0, BLOCK_N))[:, None] * svct
-    vm_offs = b * svmb + h * svmh + vm_cols[None, :] * svmg + (start + tl.arange(0, BLOCK_N))[:, None] * svmt
-    for t0 in range(start, end, BLOCK_N):
-        tok = t0 + tl.arange(0, BLOCK_N)
-        # keys: [BLOCK_N / PER_BYTE, D] packed bytes -> codes, fp16 group params broadcast over G tokens
-        if EVEN_D:
-            kc = tl.load(kc_ptrs)
-            kmn = tl.load(key_mn + km_offs)
-            ksc = tl.load(key_scale + km_offs)
-        else:
-            kc = tl.load(kc_ptrs, mask=d_ok[None, :], other=0)
-            kmn = tl.load(key_mn + km_offs, mask=d_ok[None, :], other=0.0)
-            ksc = tl.load(key_scale + km_offs, mask=d_ok[None, :], other=0.0)
-        # dequantize in fp16 in the [group, token, channel] shape, so each group's (mn, scale) row
-        # broadcasts over its tokens without materializing a [BLOCK_N, D] parameter tile
-        kcode = _unpack_tokens_f16(kc, BLOCK_N, D_PAD, BITS, G, MAGIC)
-        k = tl.reshape(kcode * ksc[:, None, :] + kmn[:, None, :], (BLOCK_N, D_PAD))
-        sc = tl.dot(qd, tl.trans(k))
         nrm = tl.load(nrm_ptrs)
-        sc = sc * tl.where(scl, nrm, 1.0)[None, :]
-        if SOFTCAP:
-            sc = _softcap_log2(sc, softcap)
-        if WINDOW or not HAS_NEW:
-            ok = tok[None, :] <= q_pos[:, None]
-            if WINDOW:
-                ok = ok & (tok[None, :] > q_pos[:, None] - window)
-            sc = tl.where(ok, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        # values: [BLOCK_N, D / PER_BYTE] packed bytes, fp16 (mn, scale) per token and G channels
-        if EVEN_D:
-            vc = tl.load(vc_ptrs)
-            vmn = tl.load(val_mn + vm_offs)
-            vsc = tl.load(val_scale + vm_offs)
-        else:
-            vcm = (vc_cols < HEAD_DIM // PER_BYTE)[None, :]
-            vmm = (vm_cols < HEAD_DIM // G)[None, :]
-            vc = tl.load(vc_ptrs, mask=vcm, other=0)
-            vmn = tl.load(val_mn + vm_offs, mask=vmm, other=0.0)
-            vsc = tl.load(val_scale + vm_offs, mask=vmm, other=0.0)
-        vcode = _unpack_channels_f16(vc, BLOCK_N, D_PAD, BITS, G, MAGIC)
-        v = tl.reshape(vcode * vsc[:, :, None] + vmn[:, :, None], (BLOCK_N, D_PAD))
-        acc += tl.dot(p.to(tl.float16), v)
-        m_i = m_new
-        kc_ptrs += (BLOCK_N // PER_BYTE) * skct
-        km_offs += (BLOCK_N // G) * skmg
-        nrm_ptrs += BLOCK_N * sknt
-        vc_ptrs += BLOCK_N * svct
-        vm_offs += BLOCK_N * svmt
-
-    has = l_i > 0
-    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    # partials of the real rows only: [B * Hkv, GROUP * T_Q, SPLITS, D_PAD] and [..., SPLITS]
-    row = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = (pid_bh * (GROUP * T_Q) + row) * SPLITS + split
-    st_ok = qi < T_Q
-    tl.store(part_o + slot[:, None] * D_PAD + offs_d[None, :], o, mask=st_ok[:, None])
-    tl.store(part_lse + slot, lse, mask=st_ok)
+    sc = sc * tl.where(scl, nrm, 1.0)[None, :]
+    if SOFTCAP:
+        sc = _softcap_log2(sc, softcap)
+    ok = gsel
+    if CAUSAL:
+        ok = ok & (tok[None, :] <= q_pos[:, None])
+    if WINDOW:
+        ok = ok & (tok[None, :] > q_pos[:, None] - window)
+    if MASK_N:
+        ok = ok & (tok < n_quant)[None, :]
+    return tl.where(ok, sc, float("-inf"))
 
 
 @triton.jit
-def _attend_tail(kb, vb, st_k, sd_k, st_v, sd_v, first, hi, base_pos, qf, q_pos, m_i, l_i, acc,  #
+def _value_subset(acc0, acc1, acc2, acc3, p, vb, vmn, vsc, BITS: tl.constexpr, ASM: tl.constexpr):
+    # acc_k += p @ dequant(channel subset k of the value bytes vb); p [BM, NS] fp16, vb [NS, NGV, JG]
+    # uint8 (token, channel group, byte), vmn/vsc [NS, NGV, 1] fp16
+    NS: tl.constexpr = vb.shape[0]
+    VC: tl.constexpr = vb.shape[1] * vb.shape[2]
+    acc0 += tl.dot(p, tl.reshape(_codes_f16(vb, BITS, 0, ASM) * vsc + vmn, (NS, VC)))
+    acc1 += tl.dot(p, tl.reshape(_codes_f16(vb, BITS, 1, ASM) * vsc + vmn, (NS, VC)))
+    if BITS == 2:
+        acc2 += tl.dot(p, tl.reshape(_codes_f16(vb, BITS, 2, ASM) * vsc + vmn, (NS, VC)))
+        acc3 += tl.dot(p, tl.reshape(_codes_f16(vb, BITS, 3, ASM) * vsc + vmn, (NS, VC)))
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc_offs, vm_offs, c_ok3, e_ok3, tok,  #
+                       n_quant, EVEN_C: tl.constexpr, MASK_N: tl.constexpr):  # fmt: skip
+    # value bytes [NS, NGV, JG] and group parameters [NS, NGV, 1] of token subset i (rows t0 + PB * j + i)
+    if EVEN_C and not MASK_N:
+        vb = tl.load(val_codes_h + (t0 + i) * svct + vc_offs)
+        vmn = tl.load(val_mn_h + (t0 + i) * svmt + vm_offs)
+        vsc = tl.load(val_scale_h + (t0 + i) * svmt + vm_offs)
+    else:
+        v_mask = c_ok3
+        p_mask = e_ok3
+        if MASK_N:
+            v_mask = v_mask & (tok + i < n_quant)[:, None, None]
+            p_mask = p_mask & (tok + i < n_quant)[:, None, None]
+        vb = tl.load(val_codes_h + (t0 + i) * svct + vc_offs, mask=v_mask, other=0)
+        vmn = tl.load(val_mn_h + (t0 + i) * svmt + vm_offs, mask=p_mask, other=0.0)
+        vsc = tl.load(val_scale_h + (t0 + i) * svmt + vm_offs, mask=p_mask, other=0.0)
+    return vb, vmn, vsc
+
+
+@triton.jit
+def _store_group_merged(acc, m_i, l_i, k, o_ptrs, lse_ptrs, row_ok, col_ok,  #
+                        NGT: tl.constexpr, RB: tl.constexpr, VC: tl.constexpr, PB: tl.constexpr,  #
+                        STORE_LSE: tl.constexpr):  # fmt: skip
+    # merge the NGT independent softmax rows (gt, r) of each query row r by LSE and store channel
+    # subset k (output channels PB * c + k) of the normalized partial; lse once (k == 0)
+    m3 = tl.reshape(m_i, (NGT, RB))
+    m_r = tl.max(m3, axis=0)
+    m_safe = tl.where(m_r == float("-inf"), 0.0, m_r)
+    w = tl.exp2(m3 - m_safe[None, :])  # exp2(-inf) = 0 for empty rows
+    l_r = tl.sum(w * tl.reshape(l_i, (NGT, RB)), axis=0)
+    o = tl.sum(w[:, :, None] * tl.reshape(acc, (NGT, RB, VC)), axis=0)
+    has = l_r > 0
+    o = tl.where(has[:, None], o / tl.where(has, l_r, 1.0)[:, None], 0.0)
+    cols = tl.arange(0, VC) * PB + k
+    tl.store(o_ptrs + cols[None, :], o, mask=row_ok[:, None] & col_ok[None, :])
+    if STORE_LSE:
+        lse = tl.where(has, m_r + tl.log2(tl.where(has, l_r, 1.0)), float("-inf"))
+        tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def _attend_full(kb, vb, st_k, sd_k, st_v, sd_v, first, hi, base_pos, qs, q_pos, m_i, l_i, acc,  #
                  softcap, window, cache_ty: tl.constexpr,  #
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr,  #
                  SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
-    # One query row: online softmax over full-precision tokens r in [first, hi) of one source
-    # (residual or new) at positions base_pos + r, cast to the cache dtype first (as the reference
-    # does), fp32 throughout. qf [D_PAD], acc [D_PAD], m_i/l_i scalars (log2 domain).
+    # online softmax of the rows qs [RB, D_PAD] (fp32, pre-scaled) over full-precision tokens
+    # r in [first, hi) of one source (residual or new) at positions base_pos + r, cast to the cache
+    # dtype first (as the reference does); fp32 products and sums (CUDA cores), m_i/l_i in log2 units.
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     for r0 in range(first, hi, BLOCK_R):
@@ -320,49 +265,63 @@ def _attend_tail(kb, vb, st_k, sd_k, st_v, sd_v, first, hi, base_pos, qf, q_pos,
         r_ok = r < hi
         kv_mask = r_ok[:, None] & d_ok[None, :]
         kt = tl.load(kb + r[:, None] * st_k + offs_d[None, :] * sd_k, mask=kv_mask, other=0.0)
-        kt = _to_dtype(kt, cache_ty)
-        sc = tl.sum(kt * qf[None, :], axis=1)
+        kt = _to_dtype(kt, cache_ty).to(tl.float32)
+        sc = tl.sum(qs[:, None, :] * kt[None, :, :], axis=2)
         if SOFTCAP:
             sc = _softcap_log2(sc, softcap)
         pos = base_pos + r
-        ok = r_ok & (pos <= q_pos)
+        ok = r_ok[None, :] & (pos[None, :] <= q_pos[:, None])
         if WINDOW:
-            ok = ok & (pos > q_pos - window)
+            ok = ok & (pos[None, :] > q_pos[:, None] - window)
         sc = tl.where(ok, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(sc - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        p = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(vb + r[:, None] * st_v + offs_d[None, :] * sd_v, mask=kv_mask, other=0.0)
-        vt = _to_dtype(vt, cache_ty)
-        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        vt = _to_dtype(vt, cache_ty).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
         m_i = m_new
     return m_i, l_i, acc
 
 
 @triton.jit
-def _cache_attn_merge_kernel(
-    q, res_k, res_v, new_k, new_v, lengths, skip, part_o, part_lse, out,  #
-    qk_scale, softcap, window, hscale, T_Q, MAX_LEN,  #
-    sqb, sqh, sqt, sqd, sob, soh, sot, sod,  #
+def _cache_attn_split_kernel(
+    q, key_codes, key_mn, key_scale, key_norms, val_codes, val_mn, val_scale,  #
+    res_k, res_v, new_k, new_v, lengths, skip, key_rotated, key_scaled, part_o, part_lse,  #
+    qk_scale, softcap, window, hscale, T_Q, MAX_LEN, Q0, T_LOC,  #
+    sqb, sqh, sqt, sqd,  #
+    skcb, skch, skct, skcd, skmb, skmh, skmg, skmd, sknb, sknt,  #
+    svcb, svch, svct, svcd, svmb, svmh, svmt, svmg,  #
     srb, srh, srt, srd, swb, swh, swt, swd,  #
     snb, snh, snt, snd, svb, svh, svt, svd,  #
     HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
-    LOG2_HB: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,  #
-    SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,  #
-    ROTATE_V: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr,  #
-    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,  #
+    LOG2_HB: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr,  #
+    RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, VC: tl.constexpr,  #
+    SPLITS: tl.constexpr, RSPLITS: tl.constexpr,  #
+    HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr, ATTEND_NEW: tl.constexpr, SOFTCAP: tl.constexpr,  #
+    WINDOW: tl.constexpr, ASM: tl.constexpr,  #
 ):
     # Inductor passes Python floats to user Triton kernels as fp64; keep all math in fp32
     qk_scale, softcap, hscale = tl.cast(qk_scale, tl.float32), tl.cast(softcap, tl.float32), tl.cast(hscale, tl.float32)
-    # one program per (sequence, kv head, query row = i * GROUP + g)
-    pid_bh = tl.program_id(0)
-    row = tl.program_id(1)
+    # grid (row blocks, B * Hkv, SPLITS + RSPLITS); this launch serves query positions [Q0, Q0 + T_LOC)
+    mb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = pid_bh // HKV
     h = pid_bh % HKV
-    qi = row // GROUP
-    qg = row % GROUP
+    ROW0 = Q0 * GROUP  # global row of local row 0
+    PB: tl.constexpr = 8 // BITS  # codes per byte
+    NGT: tl.constexpr = BLOCK_N // G  # quantization groups per tile
+    BM: tl.constexpr = NGT * RB  # tile rows (group in tile, query row)
+    NS: tl.constexpr = BLOCK_N // PB  # tokens per subset
+    JG: tl.constexpr = G // PB  # subset rows per group (key bytes), channel bytes per group (values)
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
+    EVEN_C: tl.constexpr = EVEN_D and VC * PB == D_PAD  # value byte columns need no mask
+    MASK_N: tl.constexpr = (R % BLOCK_N) != 0
+    SPARTS: tl.constexpr = SPLITS + RSPLITS
+
     length = tl.minimum(tl.load(lengths + b), MAX_LEN)
     n_quant = length // R * R
     s = 0
@@ -372,19 +331,222 @@ def _cache_attn_merge_kernel(
     total = length
     if HAS_NEW:
         total = length + n_q
-    q_pos = total - n_q + qi - s
+
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    if split < SPLITS:
+        rows_m = tl.arange(0, BM)
+        gt = rows_m // RB  # group of the tile this row scores
+        row = ROW0 + mb * RB + rows_m % RB
+        qi = row // GROUP
+        qg = row % GROUP
+        row_ok = (qi < T_Q) & (qi >= s) & (qi < Q0 + T_LOC)
+        q_pos = total - n_q + qi - s
+        # this split's token range inside [lo, n_quant), in whole BLOCK_N tiles
+        lo = 0
+        if WINDOW:
+            first_i = tl.maximum((ROW0 + mb * RB) // GROUP, s)
+            lo = tl.maximum(total - n_q + first_i - s - window + 1, 0) // BLOCK_N * BLOCK_N
+        span = tl.maximum(n_quant - lo, 0)
+        chunk = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_N) * BLOCK_N
+        start = lo + split * chunk
+        end = tl.minimum(start + chunk, n_quant)
+
+        q_ptrs = q + b * sqb + (h * GROUP + qg)[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :] * sqd
+        qf = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        rot = tl.load(key_rotated + h) != 0
+        scl = tl.load(key_scaled + h) != 0
+        qf = tl.where(rot, _fwht_rows(qf, BM, D_PAD, LOG2_HB) * hscale, qf)
+        if SOFTCAP:
+            qd = qf * qk_scale
+        else:
+            qd = qf * (qk_scale * 1.4426950408889634)
+
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc0 = tl.zeros([BM, VC], tl.float32)
+        acc1 = tl.zeros([BM, VC], tl.float32)
+        acc2 = tl.zeros([BM, VC], tl.float32)
+        acc3 = tl.zeros([BM, VC], tl.float32)
+        offs_j = tl.arange(0, NS)
+        gsel = gt[:, None] == (offs_j // JG)[None, :]  # row (gt, r) scores the tokens of group gt only
+        causal = WINDOW or not HAS_NEW
+        # loop-invariant int32 offsets (pointer tensors would hold 64 bits per element across the loop)
+        # keys: group parameters per tile row, packed codes [NS, D]
+        km_offs = offs_d[None, :] * skmd + gt[:, None] * skmg
+        kc_offs = offs_d[None, :] * skcd + offs_j[:, None] * skct
+        nrm_offs = (PB * offs_j) * sknt
+        # values: token subset i is rows t0 + PB * j + i; byte column c holds channels PB*c .. PB*c+PB-1
+        offs_c = tl.arange(0, VC)
+        c_ok = offs_c < HEAD_DIM // PB
+        # value tiles are loaded as [NS, VC // JG, JG] (token, channel group, byte in group) so each
+        # (token, group) parameter is one load broadcast over its bytes; reshaped to [NS, VC] for the dot
+        offs_e = tl.arange(0, VC // JG)
+        offs_cc = tl.arange(0, JG)
+        col3 = offs_e[None, :, None] * JG + offs_cc[None, None, :]
+        c_ok3 = col3 < HEAD_DIM // PB
+        e_ok3 = offs_e[None, :, None] < HEAD_DIM // G
+        vc_offs = col3 * svcd + (PB * offs_j)[:, None, None] * svct
+        vm_offs = offs_e[None, :, None] * svmg + (PB * offs_j)[:, None, None] * svmt
+        key_mn_h = key_mn + b * skmb + h * skmh
+        key_scale_h = key_scale + b * skmb + h * skmh
+        key_codes_h = key_codes + b * skcb + h * skch
+        key_norms_b = key_norms + b * sknb
+        val_codes_h = val_codes + b * svcb + h * svch
+        val_mn_h = val_mn + b * svmb + h * svmh
+        val_scale_h = val_scale + b * svmb + h * svmh
+        for t0 in range(start, end, BLOCK_N):
+            tok = t0 + PB * offs_j  # subset 0's tokens
+            kp_mask = d_ok[None, :]
+            if MASK_N:
+                kp_mask = kp_mask & (t0 + gt * G < n_quant)[:, None]
+            if EVEN_D and not MASK_N:
+                kmn = tl.load(key_mn_h + (t0 // G) * skmg + km_offs)
+                ksc = tl.load(key_scale_h + (t0 // G) * skmg + km_offs)
+            else:
+                kmn = tl.load(key_mn_h + (t0 // G) * skmg + km_offs, mask=kp_mask, other=0.0)
+                ksc = tl.load(key_scale_h + (t0 // G) * skmg + km_offs, mask=kp_mask, other=0.0)
+            qt = (qd * ksc.to(tl.float32)).to(tl.float16)
+            bias = tl.sum(qd * kmn.to(tl.float32), axis=1)
+            if EVEN_D and not MASK_N:
+                kb = tl.load(key_codes_h + (t0 // PB) * skct + kc_offs)
+            else:
+                kc_mask = d_ok[None, :]
+                if MASK_N:
+                    kc_mask = kc_mask & (tok < n_quant)[:, None]
+                kb = tl.load(key_codes_h + (t0 // PB) * skct + kc_offs, mask=kc_mask, other=0)
+            s0 = _key_subset_scores(kb, 0, qt, bias, key_norms_b + (t0 + 0) * sknt + nrm_offs,
+                                    scl, gsel, tok, q_pos, n_quant, softcap, window,
+                                    BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
+            s1 = _key_subset_scores(kb, 1, qt, bias, key_norms_b + (t0 + 1) * sknt + nrm_offs,
+                                    scl, gsel, tok + 1, q_pos, n_quant, softcap, window,
+                                    BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
+            mx = tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1))
+            if BITS == 2:
+                s2 = _key_subset_scores(kb, 2, qt, bias, key_norms_b + (t0 + 2) * sknt + nrm_offs,
+                                        scl, gsel, tok + 2, q_pos, n_quant, softcap, window,
+                                        BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
+                s3 = _key_subset_scores(kb, 3, qt, bias, key_norms_b + (t0 + 3) * sknt + nrm_offs,
+                                        scl, gsel, tok + 3, q_pos, n_quant, softcap, window,
+                                        BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
+                mx = tl.maximum(mx, tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
+            m_new = tl.maximum(m_i, mx)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p0 = tl.exp2(s0 - m_safe[:, None])
+            p1 = tl.exp2(s1 - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p0, axis=1) + tl.sum(p1, axis=1)
+            if BITS == 2:
+                p2 = tl.exp2(s2 - m_safe[:, None])
+                p3 = tl.exp2(s3 - m_safe[:, None])
+                l_i += tl.sum(p2, axis=1) + tl.sum(p3, axis=1)
+            m_i = m_new
+            acc0 *= alpha[:, None]
+            acc1 *= alpha[:, None]
+            acc2 *= alpha[:, None]
+            acc3 *= alpha[:, None]
+            for i in tl.static_range(PB):
+                if i == 0:
+                    p = p0
+                elif i == 1:
+                    p = p1
+                elif i == 2:
+                    p = p2
+                else:
+                    p = p3
+                vb, vmn, vsc = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc_offs,
+                                                  vm_offs, c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
+                acc0, acc1, acc2, acc3 = _value_subset(acc0, acc1, acc2, acc3, p.to(tl.float16), vb, vmn, vsc,
+                                                       BITS, ASM)  # fmt: skip
+
+        # partials of the launch's rows: [B * Hkv, GROUP * T_LOC, SPLITS + RSPLITS, D_PAD] and [..., SPARTS]
+        r_out = mb * RB + tl.arange(0, RB)
+        o_ok = r_out // GROUP < T_LOC
+        slot = (pid_bh.to(tl.int64) * (GROUP * T_LOC) + r_out) * SPARTS + split
+        o_ptrs = part_o + slot[:, None] * D_PAD
+        _store_group_merged(acc0, m_i, l_i, 0, o_ptrs, part_lse + slot, o_ok, c_ok, NGT, RB, VC, PB, True)
+        _store_group_merged(acc1, m_i, l_i, 1, o_ptrs, part_lse + slot, o_ok, c_ok, NGT, RB, VC, PB, False)
+        if BITS == 2:
+            _store_group_merged(acc2, m_i, l_i, 2, o_ptrs, part_lse + slot, o_ok, c_ok, NGT, RB, VC, PB, False)
+            _store_group_merged(acc3, m_i, l_i, 3, o_ptrs, part_lse + slot, o_ok, c_ok, NGT, RB, VC, PB, False)
+    else:
+        # the residual window and the step's new tokens, at full precision in the original space
+        offs_rr = tl.arange(0, RB)
+        row_r = ROW0 + mb * RB + offs_rr
+        qi_r = row_r // GROUP
+        qg_r = row_r % GROUP
+        row_ok_r = (qi_r < T_Q) & (qi_r >= s) & (qi_r < Q0 + T_LOC)
+        q_pos_r = total - n_q + qi_r - s
+        q_ptrs_r = q + b * sqb + (h * GROUP + qg_r)[:, None] * sqh + qi_r[:, None] * sqt + offs_d[None, :] * sqd
+        qs_r = tl.load(q_ptrs_r, mask=row_ok_r[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if SOFTCAP:
+            qs_r = qs_r * qk_scale
+        else:
+            qs_r = qs_r * (qk_scale * 1.4426950408889634)
+        m_i_r = tl.full([RB], float("-inf"), tl.float32)
+        l_i_r = tl.zeros([RB], tl.float32)
+        acc_r = tl.zeros([RB, D_PAD], tl.float32)
+        cache_ty_r = res_k.dtype.element_ty
+        # residual slots [0, length - n_quant) sit at positions n_quant + r; this program takes slots
+        # [rs * R / RSPLITS, (rs + 1) * R / RSPLITS) and the last one also the step's new tokens
+        rs = split - SPLITS
+        r_lo = rs * (R // RSPLITS)
+        r_hi = tl.minimum(r_lo + R // RSPLITS, length - n_quant)
+        m_i_r, l_i_r, acc_r = _attend_full(
+            res_k + b * srb + h * srh, res_v + b * swb + h * swh, srt, srd, swt, swd,
+            r_lo, r_hi, n_quant, qs_r, q_pos_r, m_i_r, l_i_r, acc_r, softcap, window, cache_ty_r,
+            HEAD_DIM, D_PAD, BLOCK_R, SOFTCAP, WINDOW)  # fmt: skip
+        if ATTEND_NEW:  # this step's tokens j in [s, last row's i] at positions length + j - s (causal)
+            hi_r = tl.minimum((ROW0 + mb * RB + RB - 1) // GROUP + 1, T_Q)
+            hi_r = tl.where(rs == RSPLITS - 1, hi_r, s)
+            m_i_r, l_i_r, acc_r = _attend_full(
+                new_k + b * snb + h * snh, new_v + b * svb + h * svh, snt, snd, svt, svd,
+                s, hi_r, length - s, qs_r, q_pos_r, m_i_r, l_i_r, acc_r, softcap, window, cache_ty_r,
+                HEAD_DIM, D_PAD, BLOCK_R, SOFTCAP, WINDOW)  # fmt: skip
+        has_r = l_i_r > 0
+        o_r = tl.where(has_r[:, None], acc_r / tl.where(has_r, l_i_r, 1.0)[:, None], 0.0)
+        lse_r = tl.where(has_r, m_i_r + tl.log2(tl.where(has_r, l_i_r, 1.0)), float("-inf"))
+        o_ok_r = (row_r - ROW0) // GROUP < T_LOC
+        slot_r = (pid_bh.to(tl.int64) * (GROUP * T_LOC) + (row_r - ROW0)) * SPARTS + split
+        tl.store(part_o + slot_r[:, None] * D_PAD + offs_d[None, :], o_r, mask=o_ok_r[:, None])
+        tl.store(part_lse + slot_r, lse_r, mask=o_ok_r)
+
+
+@triton.jit
+def _cache_attn_merge_kernel(
+    part_o, part_lse, skip, out, lse_out, T_Q, hscale, Q0, T_LOC,  #
+    sob, soh, sot, sod, slb, slh, slt,  #
+    HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
+    LOG2_HB: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, RSPLITS: tl.constexpr,  #
+    ROTATE_V: tl.constexpr, HAS_SKIP: tl.constexpr, STORE_LSE: tl.constexpr,  #
+):
+    hscale = tl.cast(hscale, tl.float32)  # fp64 when launched by Inductor
+    # grid (GROUP * T_LOC, B * Hkv): one program per (local query row = i * GROUP + g, sequence, kv head)
+    row = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    qi = row // GROUP + Q0
+    qg = row % GROUP
+    s = 0
+    if HAS_SKIP:
+        s = tl.minimum(tl.maximum(tl.load(skip + b).to(tl.int32), 0), T_Q)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     o_ptrs = out + b * sob + (h * GROUP + qg) * soh + qi * sot + offs_d * sod
+    lse_ptr = lse_out + b * slb + (h * GROUP + qg) * slh + qi * slt
     if qi < s:  # left padding: zeros
         tl.store(o_ptrs, _to_dtype(tl.zeros([D_PAD], tl.float32), out.dtype.element_ty), mask=d_ok)
+        if STORE_LSE:
+            tl.store(lse_ptr, float("-inf"))
         return
-
+    base = (pid_bh.to(tl.int64) * (GROUP * T_LOC) + row) * (SPLITS + RSPLITS)
     # 1. merge the splits of the quantized prefix by their log2-sum-exp (one load of all splits)
     sp = tl.arange(0, SPLITS_P2)
-    slot = (pid_bh * (GROUP * T_Q) + row) * SPLITS + sp
-    lse = tl.load(part_lse + slot, mask=sp < SPLITS, other=float("-inf"))
-    o_s = tl.load(part_o + slot[:, None] * D_PAD + offs_d[None, :], mask=(sp < SPLITS)[:, None], other=0.0)
+    lse = tl.load(part_lse + base + sp, mask=sp < SPLITS, other=float("-inf"))
+    # (padding channels d >= HEAD_DIM of the quantized partials are never written: masked here)
+    o_s = tl.load(part_o + (base + sp)[:, None] * D_PAD + offs_d[None, :],
+                  mask=(sp < SPLITS)[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
     m_q = tl.max(lse, axis=0)
     mq_safe = tl.where(m_q == float("-inf"), 0.0, m_q)
     w = tl.exp2(lse - mq_safe)
@@ -393,57 +555,71 @@ def _cache_attn_merge_kernel(
     o_q = tl.sum(w[:, None] * o_s, axis=0) / tl.where(has_q, l_q, 1.0)
     if ROTATE_V:  # back from the rotated value space: o = o' H
         o_q = tl.reshape(_fwht_rows(tl.reshape(o_q, (1, D_PAD)), 1, D_PAD, LOG2_HB), (D_PAD,)) * hscale
-
-    # 2. continue the online softmax over the residual and the step's new tokens (original space)
-    m_i = tl.where(has_q, m_q + tl.log2(tl.where(has_q, l_q, 1.0)), float("-inf"))
-    l_i = tl.where(has_q, 1.0, 0.0)
-    acc = tl.where(has_q, o_q, 0.0)
-    qf = tl.load(q + b * sqb + (h * GROUP + qg) * sqh + qi * sqt + offs_d * sqd, mask=d_ok, other=0.0)
-    qf = qf.to(tl.float32)
-    if SOFTCAP:
-        qf = qf * qk_scale
-    else:
-        qf = qf * (qk_scale * 1.4426950408889634)
-    cache_ty = res_k.dtype.element_ty
-    # residual slots [0, length - n_quant) sit at positions n_quant + r
-    m_i, l_i, acc = _attend_tail(
-        res_k + b * srb + h * srh, res_v + b * swb + h * swh, srt, srd, swt, swd,
-        0, length - n_quant, n_quant, qf, q_pos, m_i, l_i, acc, softcap, window, cache_ty,
-        HEAD_DIM, D_PAD, BLOCK_R, SOFTCAP, WINDOW)  # fmt: skip
-    if HAS_NEW:  # this step's tokens j in [s, i] at positions length + j - s (causal)
-        m_i, l_i, acc = _attend_tail(
-            new_k + b * snb + h * snh, new_v + b * svb + h * svh, snt, snd, svt, svd,
-            s, qi + 1, length - s, qf, q_pos, m_i, l_i, acc, softcap, window, cache_ty,
-            HEAD_DIM, D_PAD, BLOCK_R, SOFTCAP, WINDOW)  # fmt: skip
-
-    o = tl.where(l_i > 0, acc / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    lse_q = tl.where(has_q, m_q + tl.log2(tl.where(has_q, l_q, 1.0)), float("-inf"))
+    # 2. the residual + new tokens partials (original space)
+    rp = tl.arange(0, RSPLITS)
+    lse_r = tl.load(part_lse + base + SPLITS + rp)
+    o_r = tl.load(part_o + (base + SPLITS + rp)[:, None] * D_PAD + offs_d[None, :])
+    m = tl.maximum(lse_q, tl.max(lse_r, axis=0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    wq = tl.exp2(lse_q - m_safe)
+    wr = tl.exp2(lse_r - m_safe)
+    l = wq + tl.sum(wr, axis=0)
+    o_sum = wq * tl.where(has_q, o_q, 0.0) + tl.sum(wr[:, None] * o_r, axis=0)
+    o = tl.where(l > 0, o_sum / tl.where(l > 0, l, 1.0), 0.0)
     tl.store(o_ptrs, _to_dtype(o, out.dtype.element_ty), mask=d_ok)
+    if STORE_LSE:  # natural-log sum of exp(score) over everything attended (-inf: nothing)
+        tl.store(lse_ptr, tl.where(l > 0, (m_safe + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf")))
 
 
 def num_kv_splits(
-    batch: int, kv_heads: int, row_blocks: int, max_len: int, num_sms: int, block_n: int, programs_per_sm: int = 2
+    batch: int,
+    kv_heads: int,
+    row_blocks: int,
+    max_len: int,
+    num_sms: int,
+    block_n: int,
+    programs_per_sm: int = 2,
+    min_tiles: int = 4,
 ) -> int:
     """Splits of the quantized prefix per (sequence, kv head, row block): a pure function of static sizes.
 
     Aims at about ``programs_per_sm`` programs per multiprocessor over ``batch * kv_heads * row_blocks``
-    programs, never fewer than 4 tiles of ``block_n`` tokens per split at a full cache, at most 64.
+    programs, never fewer than ``min_tiles`` tiles of ``block_n`` tokens per split at a full cache, at most 64.
     Depends on the cache capacity, not on the (device-side) lengths, so it is fixed for a captured
     decode step.
     """
     programs = max(1, batch * kv_heads * row_blocks)
     want = -(-programs_per_sm * num_sms // programs)
-    cap = max(1, max_len // (4 * block_n))
+    cap = max(1, max_len // (min_tiles * block_n))
     return max(1, min(want, cap, 64))
 
 
 _SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 # Launch parameters of the split (stage 1) kernel; benchmarks/decode_attention.py --sweep explores them.
-# Keyed on nothing that changes per step (never on sequence length). Defaults: the best of the sweep on
-# the H200 (2026-11-28, batch 1, 128K, 32/8 heads, D=128; see benchmarks/README.md). "magic" selects
-# the bit-trick code -> fp16 conversion instead of the int -> fp16 conversion instruction (same speed
-# there: the loop is bound by unpacking and layout conversions, not by the conversion pipe).
-TUNING = {"block_n": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "magic": False}
+# Keyed on nothing that changes per step (never on sequence length). "block_n": tokens per tile
+# (NGT = block_n / group_size groups); "tile_rows": MMA rows per tile, NGT * RB with RB query rows per
+# program. Keep it below 64: at 64 rows Triton 3.6 lowers the dots to Hopper's wgmma, and those scores
+# came out wrong on the H200 (max error 0.22 against the reference for 5 query positions, any of asm /
+# stages / register cap; 16 rows correct in every case; benchmarks/README.md, 2026-11-29);
+# "maxnreg": register cap per thread, head_dim 128 only (occupancy: the loop is latency-bound, and 4 CTAs
+# per SM at 128 registers with a few spills beat 3 CTAs at 168 without, 152 vs 219 us at 128K; head_dim
+# 64 spills ~3x more under the same cap and was not measured, so other sizes run uncapped); "asm": inline-PTX
+# code expansion; "min_tiles": fewest tiles per split at a full cache; "residual_splits": programs
+# sharing the full-precision residual window. Defaults: the best of the H200 sweep of 2026-11-28
+# (batch 1, 32/8 heads, D=128, INT2, 8K and 128K; benchmarks/README.md).
+TUNING = {
+    "block_n": 128,
+    "tile_rows": 16,
+    "num_warps": 4,
+    "num_stages": 3,
+    "programs_per_sm": 4,
+    "maxnreg": 128,
+    "asm": True,
+    "min_tiles": 1,
+    "residual_splits": 4,
+}
 
 
 @torch.no_grad()
@@ -463,12 +639,14 @@ def cache_attention(
 
     query ``[B, Hq, T, D]`` fp16/bf16/fp32, new keys/values ``[B, Hkv, T, D]`` or None ->
     ``[B, Hq, T, D]`` contiguous, query dtype. head_dim 32, 64, 96, 128 or 256. Two launches (split-K
-    stage over the quantized prefix, merge stage with the residual and new tokens); scratch for the
-    partials is allocated here from static sizes; no host synchronization.
+    stage over the quantized prefix and, in extra programs, the residual and new tokens; merge stage);
+    scratch for the partials is allocated here from static sizes; no host synchronization.
 
-    Numerics: the quantized part dots fp16 operands (query rotated and pre-scaled by the softmax scale,
-    keys/values dequantized from their fp16 group parameters) with fp32 accumulation; softmax, merge,
-    residual and new tokens are fp32. A query whose scaled value exceeds the fp16 range is not supported.
+    Numerics: the quantized part dots fp16 operands with fp32 accumulation: for keys the rotated,
+    pre-scaled query times each group's fp16 scale (rounded to fp16 once) against the exact integer
+    codes, plus the fp32 bias query . group minimum; for values the probabilities against values
+    dequantized in fp16 from their group parameters. Softmax, merge, residual and new tokens are fp32.
+    A query whose scaled value (or its product with a key scale) exceeds the fp16 range is not supported.
     """
     if (new_keys is None) != (new_values is None):
         raise ValueError("new_keys and new_values must both be given or both be None")
@@ -488,48 +666,90 @@ def cache_attention(
     if window is not None and (int(window) != window or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window}")
     scale = d**-0.5 if scale is None else float(scale)
-    out = torch.empty((bsz, hq, tq, d), dtype=query.dtype, device=query.device)
     if bsz == 0 or tq == 0 or hq == 0:
-        return out
+        return torch.empty((bsz, hq, tq, d), dtype=query.dtype, device=query.device)
+    if uses_dense_new_tokens(query, new_keys, softcap, window):
+        # long multi-token steps (prefill): the stored tokens through the split kernel, the step's own
+        # tokens through flash attention, merged by their log-sum-exp
+        out_c, lse_c = _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window,
+                               attend_new=False, lse=True)  # fmt: skip
+        cache_dtype = cache.residual_keys.dtype
+        out_n, lse_n = causal_attention_lse(query, new_keys.to(cache_dtype), new_values.to(cache_dtype), skip, scale)
+        return merge_attention(out_c, lse_c, out_n, lse_n).to(query.dtype)
+    return _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window, attend_new=True, lse=False)[0]
+
+
+# Most scratch rows (sequences x query heads x query positions) one launch pair serves; longer steps are
+# launched in slices of query positions (keeps the partials' scratch and the grid bounded).
+MAX_SCRATCH_ROWS = 1 << 17
+
+
+def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window, *, attend_new: bool, lse: bool):
+    """Split + merge launches over query slices -> (out, lse or None).
+
+    ``attend_new=False`` with new keys given: the queries sit after the step's tokens as usual but
+    attend only to the stored tokens (the caller attends to the step's tokens). ``lse``: also return the
+    natural-log sum of exp(scores) per query row ``[B, Hq, T]`` fp32 (``-inf`` where nothing was
+    attended) and write ``out`` in fp32.
+    """
+    g, r, bits = fmt.group_size, fmt.residual_length, fmt.bits
+    bsz, hq, tq, d = query.shape
+    hkv = cache.residual_keys.shape[1]
+    out = torch.empty((bsz, hq, tq, d), dtype=torch.float32 if lse else query.dtype, device=query.device)
+    lse_out = torch.empty((bsz, hq, tq) if lse else (1, 1, 1), dtype=torch.float32, device=query.device)
     group = hq // hkv
     d_pad = next_pow2(d)
     hb = hadamard_block_size(d)
-    rows = group * tq
-    block_m = min(max(16, next_pow2(rows)), 64)
-    num_mb = -(-rows // block_m)
-    block_n = min(64 if d_pad >= 256 else TUNING["block_n"], r & -r)
-    splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n, TUNING["programs_per_sm"])
-    part_o = torch.empty((bsz, hkv, rows, splits, d_pad), dtype=torch.float32, device=query.device)
-    part_lse = torch.empty((bsz, hkv, rows, splits), dtype=torch.float32, device=query.device)
+    per_byte = 8 // bits
+    t_loc = max(1, min(tq, MAX_SCRATCH_ROWS // (bsz * hq)))
+    rows = group * t_loc
+    # a tile holds whole groups, >= 16 tokens per bit subset, and never more than the residual block
+    # when that is possible (else the last tile of the quantized prefix is masked)
+    block_n = max(TUNING["block_n"], g, 16 * per_byte)
+    ngt = block_n // g
+    rb = max(1, TUNING["tile_rows"] // ngt)
+    num_mb = -(-rows // rb)
+    splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n,
+                           TUNING["programs_per_sm"], TUNING["min_tiles"])  # fmt: skip
+    rsplits = max(1, min(TUNING["residual_splits"], r // 32))  # powers of two: r is a multiple of 32
+    rsplits = 1 << (rsplits.bit_length() - 1)
+    while r % rsplits:
+        rsplits //= 2
+    part_o = torch.empty((bsz, hkv, rows, splits + rsplits, d_pad), dtype=torch.float32, device=query.device)
+    part_lse = torch.empty((bsz, hkv, rows, splits + rsplits), dtype=torch.float32, device=query.device)
     has_skip, has_new = skip is not None, new_keys is not None
     skip_arg = skip if has_skip else cache.lengths
     nk = new_keys if has_new else cache.residual_keys
     nv = new_values if has_new else cache.residual_values
     c = cache
-    common = dict(
-        HKV=hkv, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, LOG2_HB=hb.bit_length() - 1, R=r,
-        BLOCK_M=block_m, SPLITS=splits, NUM_MB=num_mb,
-        HAS_SKIP=has_skip, HAS_NEW=has_new, SOFTCAP=softcap is not None, WINDOW=window is not None,
-    )  # fmt: skip
-    scalars = (scale, float(softcap or 1.0), int(window or 0), 1.0 / math.sqrt(hb), tq, c.max_len)
-    torch.library.wrap_triton(_cache_attn_split_kernel)[(bsz * hkv, splits, num_mb)](
-        query, c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.value_codes, c.value_mn, c.value_scale,
-        c.lengths, skip_arg, c.key_rotated, c.key_scaled, part_o, part_lse,
-        *scalars,
-        *query.stride(),
-        *c.key_codes.stride(), *c.key_mn.stride(), *c.key_norms.stride(),
-        *c.value_codes.stride(), *c.value_mn.stride(),
-        BITS=bits, G=g, BLOCK_N=block_n, MAGIC=bool(TUNING["magic"]), **common,
-        num_warps=TUNING["num_warps"] if d_pad <= 128 else 8, num_stages=TUNING["num_stages"],
-    )  # fmt: skip
-    splits_p2 = next_pow2(splits)
-    merge = {k: v for k, v in common.items() if k not in ("BLOCK_M", "NUM_MB")}
-    torch.library.wrap_triton(_cache_attn_merge_kernel)[(bsz * hkv, rows)](
-        query, c.residual_keys, c.residual_values, nk, nv, c.lengths, skip_arg, part_o, part_lse, out,
-        *scalars,
-        *query.stride(), *out.stride(),
-        *c.residual_keys.stride(), *c.residual_values.stride(), *nk.stride(), *nv.stride(),
-        BLOCK_R=max(16, min(64, 4096 // d_pad)), SPLITS_P2=splits_p2, ROTATE_V=bool(fmt.rotate_values), **merge,
-        num_warps=4,
-    )  # fmt: skip
-    return out
+    cap_regs = query.device.type == "cuda" and bool(TUNING["maxnreg"]) and d_pad == 128
+    for q0 in range(0, tq, t_loc):
+        n_loc = min(t_loc, tq - q0)
+        scalars = (scale, float(softcap or 1.0), int(window or 0), 1.0 / math.sqrt(hb), tq, c.max_len, q0, n_loc)
+        torch.library.wrap_triton(_cache_attn_split_kernel)[(-(-group * n_loc // rb), bsz * hkv, splits + rsplits)](
+            query, c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.value_codes, c.value_mn, c.value_scale,
+            c.residual_keys, c.residual_values, nk, nv, c.lengths, skip_arg, c.key_rotated, c.key_scaled,
+            part_o, part_lse,
+            *scalars,
+            *query.stride(),
+            *c.key_codes.stride(), *c.key_mn.stride(), *c.key_norms.stride(),
+            *c.value_codes.stride(), *c.value_mn.stride(),
+            *c.residual_keys.stride(), *c.residual_values.stride(), *nk.stride(), *nv.stride(),
+            HKV=hkv, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, LOG2_HB=hb.bit_length() - 1, BITS=bits, G=g, R=r,
+            RB=rb, BLOCK_N=block_n, BLOCK_R=max(1, 8192 // (rb * d_pad)), RSPLITS=rsplits,
+            VC=max(16, d_pad // per_byte), SPLITS=splits,
+            HAS_SKIP=has_skip, HAS_NEW=has_new, ATTEND_NEW=has_new and attend_new, SOFTCAP=softcap is not None,
+            WINDOW=window is not None, ASM=query.device.type == "cuda" and TUNING["asm"],
+            num_warps=TUNING["num_warps"] if d_pad <= 128 else 8, num_stages=TUNING["num_stages"],
+            # the register cap was measured for head_dim 128 only (other sizes spill more under it)
+            **({"maxnreg": TUNING["maxnreg"]} if cap_regs else {}),
+        )  # fmt: skip
+        torch.library.wrap_triton(_cache_attn_merge_kernel)[(group * n_loc, bsz * hkv)](
+            part_o, part_lse, skip_arg, out, lse_out, tq, 1.0 / math.sqrt(hb), q0, n_loc,
+            *out.stride(), *lse_out.stride(),
+            HKV=hkv, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, LOG2_HB=hb.bit_length() - 1,
+            SPLITS=splits, SPLITS_P2=next_pow2(splits), RSPLITS=rsplits, ROTATE_V=bool(fmt.rotate_values),
+            HAS_SKIP=has_skip, STORE_LSE=lse,
+            num_warps=4,
+        )  # fmt: skip
+    return out, (lse_out if lse else None)

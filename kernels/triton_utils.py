@@ -3,10 +3,12 @@
 * ``_fwht_rows``: the Walsh–Hadamard butterfly of :func:`kernels.hadamard.hadamard_transform` on the
   rows of a register tile, stage for stage in the same order (half = block/2 down to 1, ``a+b`` then
   ``a-b``), so fp32 results are bit-identical to the reference before the ``1/sqrt(block)`` factor.
-* ``_unpack_tokens_f16`` / ``_unpack_channels_f16`` / ``_pack_tokens`` / ``_pack_channels``: the in-register
-  form of the byte layout that ``kernels/packing.py`` documents (lowest bits first, ``8 // bits`` codes
-  per byte; keys packed along tokens, values along channels). packing.py stays the one description of
-  the layout; these helpers are its Triton mirror and are tested bit-exact against it.
+* ``_codes_f16`` / ``_pack_tokens`` / ``_pack_channels``: the in-register form of the byte layout that
+  ``kernels/packing.py`` documents (lowest bits first, ``8 // bits`` codes per byte; keys packed along
+  tokens, values along channels). ``_codes_f16`` reads bit field ``i`` of every byte of a packed tile
+  (the codes of elements ``per_byte * j + i``), as exact fp16, with an inline-PTX form for compiled
+  CUDA. packing.py stays the one description of the layout; these helpers are its Triton mirror, tested
+  bit-exact against it through the kernels that use them.
 * host helpers: torch's scalar-division rule per device (for bit-exact codes), SM count.
 """
 
@@ -127,39 +129,54 @@ def _fwht_rows(x, M: tl.constexpr, D: tl.constexpr, LOG2_HB: tl.constexpr):
     return x
 
 
+def _code_asm(shift: int, mask: int) -> str:
+    # 4 packed bytes (one 32-bit register) -> their bit fields [shift, shift + bits) as 4 exact fp16
+    # (two f16x2 registers): byte-permute each field under 0x64 (fp16 1024 + c), then subtract 1024.
+    return (
+        "{ .reg .b32 t, k; "
+        f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask:#010x}; mov.b32 k, 0x64006400; "
+        "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; "
+        "sub.rn.f16x2 $0, $0, k; sub.rn.f16x2 $1, $1, k; }"
+    )
+
+
+_ASM_2_0 = tl.constexpr(_code_asm(0, 0x03030303))
+_ASM_2_2 = tl.constexpr(_code_asm(2, 0x03030303))
+_ASM_2_4 = tl.constexpr(_code_asm(4, 0x03030303))
+_ASM_2_6 = tl.constexpr(_code_asm(6, 0x03030303))
+_ASM_4_0 = tl.constexpr(_code_asm(0, 0x0F0F0F0F))
+_ASM_4_4 = tl.constexpr(_code_asm(4, 0x0F0F0F0F))
+
+
 @triton.jit
-def _codes_f16(c, MAGIC: tl.constexpr):
-    # small integer codes -> fp16. MAGIC: without an int->float conversion instruction (those issue
-    # at a quarter of the fp32 rate): 0x6400 | c is the fp16 number 1024 + c, and (1024 + c) - 1024 is
-    # exact. Otherwise a plain conversion.
-    if MAGIC:
-        return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+def _codes_asm(packed, asm: tl.constexpr):
+    return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _codes_f16(packed, BITS: tl.constexpr, I: tl.constexpr, ASM: tl.constexpr):
+    # bit field I (codes at bits BITS*I) of packed uint8 codes (any tile shape) -> exact fp16.
+    # ASM (compiled CUDA): four bytes per inline-PTX call, no per-element shifts and no int -> float
+    # conversion (quarter-rate pipe). Otherwise (interpreter): 0x6400 | c is the fp16 number 1024 + c,
+    # minus 1024, exact.
+    if ASM:
+        if BITS == 2:
+            if I == 0:
+                return _codes_asm(packed, _ASM_2_0)
+            elif I == 1:
+                return _codes_asm(packed, _ASM_2_2)
+            elif I == 2:
+                return _codes_asm(packed, _ASM_2_4)
+            else:
+                return _codes_asm(packed, _ASM_2_6)
+        else:
+            if I == 0:
+                return _codes_asm(packed, _ASM_4_0)
+            else:
+                return _codes_asm(packed, _ASM_4_4)
     else:
-        return c.to(tl.float16)
-
-
-@triton.jit
-def _unpack_tokens_f16(packed, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                       MAGIC: tl.constexpr):
-    # packed: [ROWS // PER_BYTE, D] uint8 (keys, packed along tokens) -> codes as fp16, shaped
-    # [ROWS // G, G, D] (quantization group, token in group, channel); token 4j+i sits at bits 2i of row j.
-    PER_BYTE: tl.constexpr = 8 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    shifts = tl.arange(0, PER_BYTE) * BITS
-    c = (packed.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & MASK
-    return tl.reshape(_codes_f16(c, MAGIC), (ROWS // G, G, D))
-
-
-@triton.jit
-def _unpack_channels_f16(packed, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                         MAGIC: tl.constexpr):
-    # packed: [ROWS, D // PER_BYTE] uint8 (values, packed along channels) -> codes as fp16, shaped
-    # [ROWS, D // G, G] (token, channel group, channel in group).
-    PER_BYTE: tl.constexpr = 8 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    shifts = tl.arange(0, PER_BYTE) * BITS
-    c = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & MASK
-    return tl.reshape(_codes_f16(c, MAGIC), (ROWS, D // G, G))
+        c = (packed >> (BITS * I)) & ((1 << BITS) - 1)
+        return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit

@@ -17,6 +17,8 @@ compiled, at realistic shapes (head_dim 128, 8 kv heads, thousands of tokens).
 """
 
 import os
+import sys
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ from hypothesis import strategies as st
 
 from oscar_compile.kernels import CacheFormat, allocate_cache
 from oscar_compile.kernels.append_kv import append_kv_ref
+from oscar_compile.kernels import new_token_attention
 from oscar_compile.kernels.cache_attention import cache_attention, cache_attention_ref, num_kv_splits
 from testing_utils import poisoned_cache
 
@@ -177,6 +180,92 @@ def test_empty_cache_and_padding_rows():
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0]))
     assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv, skip))
+
+
+@st.composite
+def long_step_cases(draw):
+    heads = draw(st.sampled_from(HEADS))
+    batch = draw(st.integers(1, 3))
+    tq = draw(st.sampled_from((2, 5, 16, 33)))
+    return dict(
+        heads=heads,
+        group=draw(st.sampled_from(GROUPS)),
+        dim=draw(st.sampled_from(DIMS)),
+        bits=draw(st.sampled_from((2, 4))),
+        rotate_values=draw(st.booleans()),
+        dtype=draw(st.sampled_from((torch.float16, torch.bfloat16))),
+        lengths=draw(st.lists(st.integers(0, MAX_STORED), min_size=batch, max_size=batch)),
+        tq=tq,
+        skips=draw(st.one_of(st.none(), st.lists(st.integers(0, tq), min_size=batch, max_size=batch))),
+        seed=draw(st.integers(0, 2**20)),
+    )
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=long_step_cases())
+def test_long_steps_flash_route_matches_reference(case):
+    """Multi-token steps past DENSE_MIN_QUERIES (lowered here to 2): stored tokens through the kernel
+    with their log-sum-exp, the step's own tokens through flash attention, merged; left pads rotated."""
+    fmt = CacheFormat(case["bits"], 32, RESIDUALS[0], case["rotate_values"])
+    h, d, dtype, tq, b = case["heads"], case["dim"], case["dtype"], case["tq"], len(case["lengths"])
+    cache = filled_cache(fmt, case["lengths"], h, d, dtype, True, True, case["seed"])
+    q = _randn((b, h * case["group"], tq, d), case["seed"] + 10, dtype)
+    nk, nv = _randn((b, h, tq, d), case["seed"] + 11, dtype), _randn((b, h, tq, d), case["seed"] + 12, dtype)
+    skip = None if case["skips"] is None else torch.tensor(case["skips"], dtype=torch.int32, device=DEVICE)
+    with patch.object(new_token_attention, "DENSE_MIN_QUERIES", 2):
+        assert new_token_attention.uses_dense_new_tokens(q, nk, None, None)
+        nan_out_memory(q.shape, dtype)
+        out = cache_attention(q, cache, fmt, nk, nv, skip)
+    assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv, skip))
+
+
+def test_flash_route_rule():
+    """Which steps take the flash route: long, fp16/bf16, no softcap, no sliding window."""
+    n = new_token_attention.DENSE_MIN_QUERIES
+    q, k = torch.zeros(1, 2, n, 32, dtype=torch.bfloat16), torch.zeros(1, 1, n, 32, dtype=torch.bfloat16)
+    assert new_token_attention.uses_dense_new_tokens(q, k, None, None)
+    assert not new_token_attention.uses_dense_new_tokens(q[:, :, 1:], k[:, :, 1:], None, None)
+    assert not new_token_attention.uses_dense_new_tokens(q, None, None, None)
+    assert not new_token_attention.uses_dense_new_tokens(q, k, 30.0, None)
+    assert not new_token_attention.uses_dense_new_tokens(q, k, None, 4096)
+    assert not new_token_attention.uses_dense_new_tokens(q.float(), k.float(), None, None)
+
+
+def test_merge_attention_is_attention_over_the_union():
+    """Two disjoint token sets merged by log-sum-exp equal one softmax over both; empty sides drop out."""
+    g = torch.Generator().manual_seed(0)
+    scores, values = torch.randn(3, 5, 11, generator=g), torch.randn(3, 11, 8, generator=g)
+    scores[0, :, 4:] = float("-inf")  # one side empty for this row block
+    full = torch.softmax(scores, -1) @ values
+    parts = []
+    for sl in (slice(0, 4), slice(4, 11)):
+        sc = scores[..., sl]
+        lse = torch.logsumexp(sc, -1)
+        out = (torch.softmax(sc, -1) @ values[:, sl]).nan_to_num(0.0)
+        parts += [out, lse]
+    torch.testing.assert_close(new_token_attention.merge_attention(*parts), full, atol=1e-5, rtol=1e-5)
+    empty = torch.full((2, 3), float("-inf"))
+    zeros = torch.zeros(2, 3, 4)
+    assert torch.equal(new_token_attention.merge_attention(zeros, empty, zeros, empty), zeros)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_query_slices(dense):
+    """Steps longer than one launch's scratch run as several query slices (MAX_SCRATCH_ROWS lowered):
+    same result as the reference, on the kernel route (window, softcap) and the flash route."""
+    fmt = CacheFormat(2, 32, RESIDUALS[0], True)
+    h, d = (2, 128) if ON_GPU else (1, 32)
+    cache = filled_cache(fmt, [150, 40], h, d, torch.bfloat16, True, False, seed=31)
+    q = _randn((2, 3 * h, 9, d), 32, torch.bfloat16)
+    nk, nv = _randn((2, h, 9, d), 33, torch.bfloat16), _randn((2, h, 9, d), 34, torch.bfloat16)
+    skip = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    kw = {} if dense else dict(window=60, softcap=25.0)
+    launcher_module = sys.modules["oscar_compile.kernels.cache_attention"]  # (the package exports the function)
+    with patch.object(launcher_module, "MAX_SCRATCH_ROWS", 2 * 3 * h * 2), \
+            patch.object(new_token_attention, "DENSE_MIN_QUERIES", 2 if dense else 10**6):  # fmt: skip
+        nan_out_memory(q.shape, torch.bfloat16)
+        out = cache_attention(q, cache, fmt, nk, nv, skip, **kw)
+    assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv, skip, **kw))
 
 
 def test_num_kv_splits_is_pure_and_bounded():
