@@ -170,6 +170,7 @@ def fill_oscar(cache: OScaRCache, model, batch: int, context: int, device: str):
         layer.values.lengths.copy_(layer.keys.lengths)
         layer.cumulative_length.fill_(context)
         layer.host_length, layer._host_stale = context, False
+        layer.first_step = False  # tokens are stored: the next step must not promise an empty layer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -450,7 +451,7 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 
 def summarize_profile(prof, steps: int, device: str) -> dict:
     """Device microseconds per step by category and for the top kernels; host-sync CUDA calls per step."""
-    per_kernel, syncs, launches = defaultdict(float), 0, 0
+    per_kernel, syncs, launches, sync_names = defaultdict(float), 0, 0, defaultdict(int)
     for evt in prof.events():
         name = evt.name
         if device == "cuda" and evt.device_type == torch.autograd.DeviceType.CUDA:
@@ -458,6 +459,7 @@ def summarize_profile(prof, steps: int, device: str) -> dict:
         if evt.device_type == torch.autograd.DeviceType.CPU:
             if any(name.startswith(s) for s in SYNC_CALLS) and "Async" not in name:
                 syncs += 1
+                sync_names[name] += 1
             if name.startswith("cudaGraphLaunch"):
                 launches += 1
     categories = defaultdict(float)
@@ -471,6 +473,7 @@ def summarize_profile(prof, steps: int, device: str) -> dict:
         "top_kernels_us_per_step": [(n[:90], us / steps) for n, us in top],
         # the last sync is the profiler block's own torch.cuda.synchronize()
         "host_syncs_per_step": max(0, syncs - 1) / steps,
+        "sync_calls_total": dict(sync_names),
         "graph_launches_per_step": launches / steps,
     }
 
@@ -537,7 +540,8 @@ def report(results: list[dict]):
         for p in res["profile"]:
             print(f"\nprofile: {p['method']} batch {p['batch']} context {p['context']}: device "
                   f"{p['device_us_per_step']:.0f} us/step, host syncs/step {p['host_syncs_per_step']:.1f}, "
-                  f"graph launches/step {p['graph_launches_per_step']:.1f}")  # fmt: skip
+                  f"graph launches/step {p['graph_launches_per_step']:.1f}, sync calls in the "
+                  f"profiled block (incl. its final synchronize) {p.get('sync_calls_total')}")  # fmt: skip
             print(tabulate([[c, f"{us:.0f}"] for c, us in p["categories_us_per_step"].items()],
                            headers=["category", "us/step"], tablefmt="github"))  # fmt: skip
             print(tabulate([[n, f"{us:.1f}"] for n, us in p["top_kernels_us_per_step"]],

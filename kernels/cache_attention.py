@@ -634,8 +634,15 @@ def cache_attention(
     scale: float | None = None,
     softcap: float | None = None,
     window: int | None = None,
+    stored_empty: bool = False,
 ) -> torch.Tensor:
     """Triton attention over the packed cache; same semantics as :func:`cache_attention_ref`.
+
+    Steps of ``DENSE_MIN_QUERIES`` or more query positions with new tokens (prefill; fp16/bf16, no softcap
+    or window) attend to their own tokens with flash attention (``kernels.new_token_attention``) and to
+    the stored ones with the split kernel, merged by log-sum-exp. ``stored_empty``: the caller promises
+    ``cache.lengths == 0`` for every sequence, and such a step skips the stored-token pass (a launch of
+    tens of thousands of programs that would find nothing to read).
 
     query ``[B, Hq, T, D]`` fp16/bf16/fp32, new keys/values ``[B, Hkv, T, D]`` or None ->
     ``[B, Hq, T, D]`` contiguous, query dtype. head_dim 32, 64, 96, 128 or 256. Two launches (split-K
@@ -671,10 +678,12 @@ def cache_attention(
     if uses_dense_new_tokens(query, new_keys, softcap, window):
         # long multi-token steps (prefill): the stored tokens through the split kernel, the step's own
         # tokens through flash attention, merged by their log-sum-exp
-        out_c, lse_c = _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window,
-                               attend_new=False, lse=True)  # fmt: skip
         cache_dtype = cache.residual_keys.dtype
         out_n, lse_n = causal_attention_lse(query, new_keys.to(cache_dtype), new_values.to(cache_dtype), skip, scale)
+        if stored_empty:
+            return out_n.to(query.dtype)
+        out_c, lse_c = _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window,
+                               attend_new=False, lse=True)  # fmt: skip
         return merge_attention(out_c, lse_c, out_n, lse_n).to(query.dtype)
     return _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window, attend_new=True, lse=False)[0]
 

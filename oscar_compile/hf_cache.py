@@ -26,8 +26,9 @@ module for the write-then-attend mapping). ``update`` records the step's tokens 
   ``ValueError``; the CUDA kernel must not write past ``max_len``) and the next eager call resyncs it.
 * **Adaptive key flags** (``OScaRConfig()``'s default ``rotate_keys="auto"``): each layer decides its per-kv-head
   key rotation/scaling at its first step (the prompt) from that step's keys and queries, before attending
-  (``kv_tensor``, "Adaptive key flags"). The layer keeps a host-side bool (``keys_decided``): the first
-  step after allocation or :meth:`OScaRLayer.reset` goes through halves that decide, later steps through
+  (``kv_tensor``, "Adaptive key flags"). The layer keeps a host-side bool (``first_step``): the first
+  step after allocation or :meth:`OScaRLayer.reset` goes through halves that decide (and promise an empty
+  layer, ``stored_empty``, so a long prompt attends with flash attention alone), later steps through
   halves that do not, so decode never runs the choice. Under torch.compile Dynamo guards on that bool: at
   most one extra graph (the deciding prefill), no sync, no per-step recompile. A batch shares one decision.
 * ``reorder_cache`` (beam search), ``reset``, ``crop`` (within the residual window only), memory
@@ -86,7 +87,7 @@ class OScaRLayer(CacheLayerMixin):
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
         self.host_length = 0  # the same count on the host, for the overflow check
         self._host_stale = False
-        self.keys_decided = not config.adaptive_keys  # "auto" key flags not chosen yet (the next step decides)
+        self.first_step = True  # nothing stored yet: the next step decides "auto" key flags, may skip the stored pass
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: [B, Hkv, T, D]
@@ -101,8 +102,9 @@ class OScaRLayer(CacheLayerMixin):
             self.batch_size, self.num_heads, self.max_cache_len, self.head_dim, self.config,
             key_states.dtype, self.device, self.window,
         )  # fmt: skip
-        # the same state twice: halves that decide the "auto" key flags (first step) and halves that do not
-        self._deciding = (self.keys, self.values)
+        # the same state twice: first-step halves (decide the "auto" key flags; promise an empty layer, so a
+        # long prompt skips the stored-token pass) and the halves of every later step
+        self._deciding = (self.keys.with_stored_empty(True), self.values.with_stored_empty(True))
         self.keys, self.values = self.keys.with_key_decision(None), self.values.with_key_decision(None)
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not _is_compiling():  # static addresses: CUDA graphs capture the state in place, no input copies
@@ -138,12 +140,17 @@ class OScaRLayer(CacheLayerMixin):
             positions = torch.arange(t, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(t)
         keys, values = self.keys, self.values
-        if not self.keys_decided:  # a Python bool: Dynamo guards on it and replays the store
-            self.keys_decided = True
+        if self.first_step:  # a Python bool: Dynamo guards on it and replays the store
+            self.first_step = False
             keys, values = self._deciding
         keys.index_copy_(2, positions, key_states)
         values.index_copy_(2, positions, value_states)
         return keys, values
+
+    @property
+    def keys_decided(self) -> bool:
+        """Whether the layer's key flags are fixed (not "auto", or its first step has run)."""
+        return not (self.config.adaptive_keys and self.first_step)
 
     def get_mask_sizes(self, query_length: int = 0, *args) -> tuple[int, int]:
         # the mask covers every logical position; the window is applied by the attention op
@@ -171,7 +178,7 @@ class OScaRLayer(CacheLayerMixin):
             rotate0, scale0 = self.config.initial_key_flags  # the next step decides "auto" flags afresh
             self.keys.key_rotated.fill_(rotate0)
             self.keys.key_scaled.fill_(scale0)
-        self.keys_decided = not self.config.adaptive_keys
+        self.first_step = True
         self.cumulative_length.zero_()
         self.host_length = 0
         self._host_stale = False

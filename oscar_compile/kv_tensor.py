@@ -148,8 +148,9 @@ def clear_pending(half: "_OScaRHalf") -> None:
 # ----------------------------------------------------------------------------------------------------
 # the subclasses
 
-# key_decision: None, or the config's (rotate_keys, token_scaling) while this instance decides the "auto" flags
-_ATTRS = ["bits", "group_size", "residual_length", "rotate_values", "window", "key_decision", "view"]
+# key_decision: None, or the config's (rotate_keys, token_scaling) while this instance decides the "auto" flags;
+# stored_empty: the holder promises the layer stores no token when this instance is attended (first step)
+_ATTRS = ["bits", "group_size", "residual_length", "rotate_values", "window", "key_decision", "stored_empty", "view"]
 
 
 class _OScaRHalf(TorchAOBaseTensor):
@@ -201,6 +202,11 @@ class _OScaRHalf(TorchAOBaseTensor):
     def with_key_decision(self, decision):
         """This instance (same state, same pending tokens) with ``key_decision`` set to ``decision``."""
         return self._with_view(self.view, key_decision=None if decision is None else tuple(decision))
+
+    def with_stored_empty(self, stored_empty: bool):
+        """This instance with the ``stored_empty`` promise set: only for a step that starts on an empty
+        layer (every sequence's ``lengths == 0``); a long step then skips the stored-token pass."""
+        return self._with_view(self.view, stored_empty=bool(stored_empty))
 
     def _stable_hash_for_caching(self) -> str:
         attrs = {n: getattr(self, n) for n in self.tensor_attribute_names}
@@ -340,7 +346,7 @@ def new_kv_cache(
     c = allocate_cache(batch, kv_heads, m, head_dim, fmt, dtype, device, rotate0, scale0)
     offsets = torch.zeros(batch, dtype=torch.int32, device=device)
     decision = (config.rotate_keys, config.token_scaling) if config.adaptive_keys else None
-    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, decision, KVView(1, False, 0, m)]
+    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, decision, False, KVView(1, False, 0, m)]
     keys = OScaRKeyCache(
         c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.residual_keys, c.key_rotated, c.key_scaled,
         c.lengths, offsets, *attrs,
@@ -600,7 +606,10 @@ def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
     if new_k is None:
         out = ops.attention(q, cache, fmt, scale=scale, softcap=softcap, window=keys.window)
     else:  # one op, so Inductor re-inplaces the append (ops.attend_append explains)
-        out = ops.attend_append(q, cache, fmt, new_k, new_v, skip, scale=scale, softcap=softcap, window=keys.window)
+        out = ops.attend_append(
+            q, cache, fmt, new_k, new_v, skip, scale=scale, softcap=softcap, window=keys.window,
+            stored_empty=keys.stored_empty,
+        )  # fmt: skip
         if skip is not None:
             keys.offsets.add_(skip)
         values.lengths.copy_(keys.lengths)

@@ -279,6 +279,7 @@ def _attend_append_op(
     scale: float,
     softcap: Optional[float],
     window: Optional[int],
+    stored_empty: bool = False,
 ) -> Tensor:
     # Why a fused op: as two ops, attention (a pure read of the cache) and append (a mutation) have no
     # data dependency once functionalized, and Inductor's reorder_for_locality sinks the attention below
@@ -291,11 +292,14 @@ def _attend_append_op(
     )  # fmt: skip
     fmt = CacheFormat(bits, group_size, residual_length, rotate_values)
     attend, append = cache_attention_ref, append_kv_ref
+    kw = dict(scale=scale, softcap=softcap, window=window)
     if query.device.type == "cuda":
         attend = triton_launcher("cache_attention") or attend
         append = triton_launcher("append_kv") or append
+        if attend is not cache_attention_ref:  # the reference needs no hint
+            kw["stored_empty"] = stored_empty
     with _direct_triton_launches():
-        out = attend(query, cache, fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
+        out = attend(query, cache, fmt, new_keys, new_values, skip, **kw)
         append(cache, fmt, new_keys, new_values, skip)
     return out.contiguous()
 
@@ -484,9 +488,17 @@ def attend_append(
     scale: Optional[float] = None,
     softcap: Optional[float] = None,
     window: Optional[int] = None,
+    stored_empty: bool = False,
 ) -> Tensor:
-    """``attention(...)`` then ``append_kv(...)`` of the same new keys/values, as one op (see its comment)."""
-    return torch.ops.oscar.attend_append(*_attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window))
+    """``attention(...)`` then ``append_kv(...)`` of the same new keys/values, as one op (see its comment).
+
+    ``stored_empty``: the caller promises that no sequence stores a token yet (``cache.lengths == 0``,
+    e.g. a layer's first step); a long step (prefill) then attends with flash attention alone. A wrong
+    promise gives a wrong answer: only :class:`~oscar_compile.hf_cache.OScaRLayer` sets it, on the first
+    step after allocation or ``reset``.
+    """
+    args = _attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window)
+    return torch.ops.oscar.attend_append(*args, bool(stored_empty))
 
 
 def sdpa(

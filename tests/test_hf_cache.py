@@ -239,6 +239,31 @@ def test_reset_and_crop():
         cache.crop(-10)  # 72 = 64 quantized + 8 residual
 
 
+def test_only_the_first_step_after_allocation_or_reset_promises_an_empty_layer():
+    """OScaRLayer hands out halves with ``stored_empty`` only for the step that starts on an empty layer
+    (the kernels then skip the stored-token pass of a long prompt); every later step attends normally."""
+    model, config = tiny("olmo2")
+    oscar(model)
+    steps = chunks()
+    cache = OScaRCache(config, 128, CFG)
+    layer = cache.layers[0]
+    promised = []
+    original = layer.update
+
+    def spy(key_states, value_states, *args, **kwargs):
+        empty_before = not layer.is_initialized or int(layer.keys.lengths.max()) == 0
+        keys, values = original(key_states, value_states, *args, **kwargs)
+        promised.append((keys.stored_empty, values.stored_empty, empty_before))
+        return keys, values
+
+    layer.update = spy
+    run(model, cache, steps[:3])
+    cache.reset()
+    run(model, cache, steps[:2])
+    assert [p[:2] for p in promised] == [(True, True), (False, False), (False, False), (True, True), (False, False)]
+    assert all(empty for k, _, empty in promised if k)  # the promise is never made over stored tokens
+
+
 class _Shapes(TorchDispatchMode):
     def __init__(self):
         super().__init__()

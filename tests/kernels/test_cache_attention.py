@@ -219,6 +219,19 @@ def test_long_steps_flash_route_matches_reference(case):
     assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv, skip))
 
 
+def test_stored_empty_promise_skips_the_stored_pass():
+    """On an empty cache the promise gives the reference result (flash attention over the step alone)."""
+    fmt = CacheFormat(2, 32, RESIDUALS[0], True)
+    h, d = (2, 128) if ON_GPU else (1, 32)
+    cache = filled_cache(fmt, [0, 0], h, d, torch.bfloat16, True, True, seed=41)
+    q = _randn((2, 4 * h, 6, d), 42, torch.bfloat16)
+    nk, nv = _randn((2, h, 6, d), 43, torch.bfloat16), _randn((2, h, 6, d), 44, torch.bfloat16)
+    skip = torch.tensor([0, 2], dtype=torch.int32, device=DEVICE)
+    with patch.object(new_token_attention, "DENSE_MIN_QUERIES", 2):
+        out = cache_attention(q, cache, fmt, nk, nv, skip, stored_empty=True)
+    assert_attention_close(out, cache_attention_ref(q, cache, fmt, nk, nv, skip))
+
+
 def test_flash_route_rule():
     """Which steps take the flash route: long, fp16/bf16, no softcap, no sliding window."""
     n = new_token_attention.DENSE_MIN_QUERIES
