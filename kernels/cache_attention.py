@@ -20,7 +20,7 @@ from .attention_ref import quantized_attention_ref
 from .cache_layout import CacheFormat, CacheTensors
 from .hadamard import hadamard_block_size
 from .quantization import QuantizedKeys, QuantizedValues
-from .new_token_attention import causal_attention_lse, merge_attention, uses_dense_new_tokens
+from .new_token_attention import causal_attention, causal_attention_lse, merge_attention, uses_dense_new_tokens
 from .triton_utils import _codes_f16, _fwht_rows, _to_dtype, next_pow2, num_sms
 
 __all__ = ["cache_attention", "cache_attention_ref", "check_attention_inputs", "num_kv_splits"]
@@ -679,9 +679,10 @@ def cache_attention(
         # long multi-token steps (prefill): the stored tokens through the split kernel, the step's own
         # tokens through flash attention, merged by their log-sum-exp
         cache_dtype = cache.residual_keys.dtype
-        out_n, lse_n = causal_attention_lse(query, new_keys.to(cache_dtype), new_values.to(cache_dtype), skip, scale)
+        new_keys, new_values = new_keys.to(cache_dtype), new_values.to(cache_dtype)
         if stored_empty:
-            return out_n.to(query.dtype)
+            return causal_attention(query, new_keys, new_values, skip, scale)
+        out_n, lse_n = causal_attention_lse(query, new_keys, new_values, skip, scale)
         out_c, lse_c = _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window,
                                attend_new=False, lse=True)  # fmt: skip
         return merge_attention(out_c, lse_c, out_n, lse_n).to(query.dtype)

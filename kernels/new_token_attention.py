@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DENSE_MIN_QUERIES", "causal_attention_lse", "merge_attention", "uses_dense_new_tokens"]
+__all__ = ["DENSE_MIN_QUERIES", "causal_attention", "causal_attention_lse", "merge_attention", "uses_dense_new_tokens"]
 
 # Steps with at least this many query positions attend to their own tokens with flash attention.
 DENSE_MIN_QUERIES = 64
@@ -56,12 +56,24 @@ def causal_attention_lse(
     skip: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of a step's tokens to themselves, left pads excluded.
+    """Causal attention of a step's tokens to themselves, left pads excluded, with its log-sum-exp.
 
     query ``[B, Hq, T, D]``, keys/values ``[B, Hkv, T, D]`` (``Hq`` a multiple of ``Hkv``), skip ``[B]``
     int or None -> (out ``[B, Hq, T, D]`` query dtype, lse ``[B, Hq, T]`` fp32 natural log). Rows
     ``t < skip[b]`` give zeros and ``-inf``.
     """
+    return _causal(query, keys, values, skip, scale, with_lse=True)
+
+
+def causal_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, skip: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """:func:`causal_attention_lse` without the log-sum-exp: PyTorch's SDPA with native GQA, so the
+    fastest backend of the device (cuDNN on Hopper) and no expanded copy of the keys/values."""
+    return _causal(query, keys, values, skip, scale, with_lse=False)[0]
+
+
+def _causal(query, keys, values, skip, scale, with_lse: bool):
     bsz, hq, t, _ = query.shape
     group = hq // keys.shape[1]
     keys, values = keys.to(query.dtype), values.to(query.dtype)
@@ -70,15 +82,21 @@ def causal_attention_lse(
         pos = torch.arange(t, device=query.device)
         rolled = (pos[None, :] + s[:, None]) % t  # rolled row i holds original row i + s
         query, keys, values = (_gather_positions(x, rolled) for x in (query, keys, values))
-    if group > 1:
-        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-    out, lse = _flash_lse(query.contiguous(), keys.contiguous(), values.contiguous(), scale)
+    lse = None
+    if with_lse:
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        out, lse = _flash_lse(query.contiguous(), keys.contiguous(), values.contiguous(), scale)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, keys, values, is_causal=True, scale=scale, enable_gqa=group > 1
+        )
     if skip is not None:
         back = (pos[None, :] - s[:, None]) % t
-        out, lse = _gather_positions(out, back), _gather_positions(lse, back)
         pad = pos[None, :] < s[:, None]  # [B, T]
-        out = out.masked_fill(pad[:, None, :, None], 0.0)
-        lse = lse.masked_fill(pad[:, None, :], float("-inf"))
+        out = _gather_positions(out, back).masked_fill(pad[:, None, :, None], 0.0)
+        if with_lse:
+            lse = _gather_positions(lse, back).masked_fill(pad[:, None, :], float("-inf"))
     return out, lse
 
 
