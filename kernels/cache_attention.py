@@ -130,12 +130,16 @@ def cache_attention_ref(
 # ---------------------------------------------------------------------------------------------------
 # Triton split-K ("flash-decoding") attention over the packed cache
 #
-# stage 1, _cache_attn_split_kernel, grid (B * Hkv, SPLITS + RSPLITS, row blocks). Programs split < SPLITS
+# One launch pair serves the query positions [Q0, Q0 + T_LOC) (all of them unless B * Hq * T_q exceeds
+# MAX_SCRATCH_ROWS; then the launcher loops over slices: bounded scratch, and row blocks stay in grid
+# axis 0, the one without a 65535 limit).
+# stage 1, _cache_attn_split_kernel, grid (row blocks, B * Hkv, SPLITS + RSPLITS). Programs split < SPLITS
 #   each stream one slice of the quantized prefix [0, Q); the RSPLITS programs after them each attend
 #   to a slice of the full-precision residual window (the last one also to the step's new tokens;
 #   original space, fp32, causal). Each writes its normalized partial output and log2-sum-exp (fp32).
-# stage 2, _cache_attn_merge_kernel, grid (B * Hkv, GROUP * T_q): merges the quantized splits by LSE,
-#   applies the inverse value rotation H once, then merges in the residual partials (one shot).
+# stage 2, _cache_attn_merge_kernel, grid (GROUP * T_LOC, B * Hkv): merges the quantized splits by LSE,
+#   applies the inverse value rotation H once, then merges in the residual partials (one shot); it can
+#   also store each row's natural-log sum of exp (the flash route below merges with it).
 #
 # The quantized stage never dequantizes keys and never interleaves bit fields back into token/channel
 # order:
@@ -144,7 +148,8 @@ def cache_attention_ref(
 #   tile row m = gt * RB + r. Row (gt, r) only scores the tokens of group gt of every tile, so each
 #   row is an independent online softmax over a quarter of the tokens; the NGT rows of one query row
 #   are merged by LSE once, after the loop. With 4 query heads per kv head and T_q = 1 the 16 rows of
-#   the MMA are all real work (no padding to M = 16).
+#   the MMA are all real work (no padding to M = 16). Tiles are always 16 rows (TUNING["tile_rows"]):
+#   64-row tiles make Triton 3.6 use wgmma on Hopper, which computed wrong scores here.
 # * Keys, algebraically: score = n_t * (q . mn_gt + sum_d (q_d * scale_{gt,d}) * code_{t,d}). Per tile
 #   and row the fp16 operand is q * scale of the row's group and the bias q . mn is an fp32 row sum;
 #   the codes are small exact integers in fp16. Keys are packed along tokens (byte (j, d) holds tokens
@@ -159,8 +164,11 @@ def cache_attention_ref(
 # What limits it now (SASS for sm_90 + the H200 sweep): ~6 instructions per cached element per tile,
 # mostly the value path (bytes of 4 token rows regathered per MMA fragment, parameters broadcast
 # through shared memory) and ~60 barriers per tile; latency-bound at 4 CTAs per SM.
-# Large T_q (prefill chunks) runs the same kernels (more row blocks): correct for any T_q, but each row
-# block re-reads the cache and the new-token loop is O(T_q^2) per kv head (prefill speed is not tuned).
+# Steps of >= DENSE_MIN_QUERIES positions (prefill) take the flash route (kernels/new_token_attention.py):
+# the kernels attend to the stored tokens only (ATTEND_NEW=False) and flash attention to the step's own
+# tokens, merged by LSE; shorter multi-token steps, softcap and windows run the new-token loop here
+# (CUDA cores, O(T_q^2) per kv head: fine for a few tokens). Each row block re-reads the stored cache, so
+# a long step over a long stored cache (chunked prefill) is not tuned.
 # Measured decode speed on the H200: benchmarks/README.md.
 
 @triton.jit
