@@ -127,6 +127,39 @@ def cache_bytes_per_sequence(model, capacity: int, method: str, config: OScaRCon
     return layers * cache_nbytes(allocate_cache(1, heads, cap, d, oscar_format(config), torch.bfloat16, "meta"))
 
 
+def sdpa_packed_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """A bf16 attention for transformers: its SDPA, but a decode step's query heads are packed per kv
+    head (``[B, Hq, 1, D]`` -> ``[B, Hkv, group, D]``, a view) also under torch.compile, so K/V are read
+    once. transformers does this only eagerly; compiled, a masked decode step copies K/V ``group`` times
+    (``repeat_kv``). Multi-token steps: transformers' own function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    group = getattr(module, "num_key_value_groups", 1)
+    b, hq, t, d = query.shape
+    if t != 1 or group == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)  # fmt: skip
+    packed = query.reshape(b, hq // group, group, d)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
+
+
+def set_bf16_attention(model, name: str):
+    """``sdpa`` (transformers' default) or ``sdpa_packed`` (:func:`sdpa_packed_gqa`). (transformers'
+    ``flex_attention`` path would be a third candidate, but with torch 2.13 / transformers 5.24 it breaks
+    ``fullgraph``: transformers calls ``create_block_mask(_compile=True)``, which now warns.)"""
+    if name == "sdpa_packed":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(name, sdpa_packed_gqa)
+        AttentionMaskInterface.register(name, sdpa_mask)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -251,7 +284,7 @@ class Runner:
             "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu",
             "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
             "model": a.model, "weights_gb": weight_bytes(self.model) / 1e9, "copy_tb_s": self.bw / 1e12,
-            "mode": a.mode, "config": a.config, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "mode": a.mode, "config": a.config, "bf16_attention": a.bf16_attention, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }  # fmt: skip
 
     def use(self, method):
@@ -263,6 +296,7 @@ class Runner:
         a = self.args
         torch._dynamo.reset()
         if method == "bf16":
+            set_bf16_attention(self.model, a.bf16_attention)
             fwd = self.model.forward
             self.forward = torch.compile(fwd, mode=a.mode, fullgraph=True) if a.mode != "eager" else fwd
         else:
@@ -488,7 +522,8 @@ def report(results: list[dict]):
     for m in metas:
         print(f"run: {m['date']}, {m['device']}, torch {m['torch']}, triton {m['triton']}, transformers "
               f"{m['transformers']}, model {m['model']} ({m['weights_gb']:.2f} GB bf16 weights, random), "
-              f"copy bandwidth {m['copy_tb_s']:.2f} TB/s, mode {m['mode']}, OScaR config {m['config']}")  # fmt: skip
+              f"copy bandwidth {m['copy_tb_s']:.2f} TB/s, mode {m['mode']}, OScaR config {m['config']}, "
+              f"bf16 attention {m.get('bf16_attention', 'sdpa')}")  # fmt: skip
 
     def ratio(a, b):
         return f"{a / b:.2f}x" if a and b else ""
@@ -568,6 +603,9 @@ def main():
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both paths, or 'eager'")
     p.add_argument("--config", choices=["paper", "default"], default="paper",
                    help="OScaR preset; speed does not depend on it (key flags are read per head at run time)")
+    p.add_argument("--bf16-attention", choices=["sdpa", "sdpa_packed"], default="sdpa",
+                   help="bf16 baseline's attention: transformers' default SDPA path (copies K/V for GQA when "
+                        "compiled) or SDPA with the decode query packed per kv head (no copy)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--report", nargs="*", help="print the tables of earlier --json results and exit")
     args = p.parse_args()
