@@ -419,7 +419,7 @@ def use_oscar_cache(model, oscar_config: Optional[OScaRConfig] = None, max_cache
                 gen_cfg = kwargs.get("generation_config") or model.generation_config
                 new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens)
                 length = inputs.shape[1] + new if new is not None else kwargs.get("max_length", gen_cfg.max_length)
-            kwargs["past_key_values"] = OScaRCache(model.config, length, config, **cache_kwargs)
+            kwargs[cache_kwarg_name(model)] = OScaRCache(model.config, length, config, **cache_kwargs)
         return generate(*args, **kwargs)
 
     oscar_generate._oscar_wrapped = True
