@@ -714,7 +714,7 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
     bsz, hq, tq, d = query.shape
     hkv = cache.residual_keys.shape[1]
     out = torch.empty((bsz, hq, tq, d), dtype=torch.float32 if lse else query.dtype, device=query.device)
-    lse_out = torch.empty((bsz, hq, tq) if lse else (1, 1, 1), dtype=torch.float32, device=query.device)
+    lse_out = torch.empty((bsz, hq, tq), dtype=torch.float32, device=query.device) if lse else None
     group = hq // hkv
     d_pad = next_pow2(d)
     hb = hadamard_block_size(d)
@@ -762,12 +762,13 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
             # the register cap was measured for head_dim 128 only (other sizes spill more under it)
             **({"maxnreg": TUNING["maxnreg"]} if cap_regs else {}),
         )  # fmt: skip
+        # without lse the kernel never stores through its LSE pointer: part_lse stands in (no allocation)
         torch.library.wrap_triton(_cache_attn_merge_kernel)[(group * n_loc, bsz * hkv)](
-            part_o, part_lse, skip_arg, out, lse_out, tq, 1.0 / math.sqrt(hb), q0, n_loc,
-            *out.stride(), *lse_out.stride(),
+            part_o, part_lse, skip_arg, out, part_lse if lse_out is None else lse_out, tq, 1.0 / math.sqrt(hb),
+            q0, n_loc, *out.stride(), *((0, 0, 0) if lse_out is None else lse_out.stride()),
             HKV=hkv, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, LOG2_HB=hb.bit_length() - 1,
             SPLITS=splits, SPLITS_P2=next_pow2(splits), RSPLITS=rsplits, ROTATE_V=bool(fmt.rotate_values),
             HAS_SKIP=has_skip, STORE_LSE=lse,
             num_warps=4,
         )  # fmt: skip
-    return out, (lse_out if lse else None)
+    return out, lse_out

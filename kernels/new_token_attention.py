@@ -44,9 +44,8 @@ def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
 
 def _gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     # x [B, H, T, ...], index [B, T] -> x[b, :, index[b, t]]
-    shape = (x.shape[0], x.shape[1], x.shape[2]) + x.shape[3:]
-    idx = index[:, None, :].reshape(index.shape[0], 1, index.shape[1], *([1] * (x.dim() - 3)))
-    return x.gather(2, idx.expand(shape))
+    idx = index.reshape(index.shape[0], 1, index.shape[1], *([1] * (x.dim() - 3)))
+    return x.gather(2, idx.expand(x.shape))
 
 
 def causal_attention_lse(
