@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .attention_ref import quantized_attention_ref
-from .cache_layout import CacheFormat, CacheTensors
+from .cache_layout import CacheFormat, CacheTensors, check_triton_cache
 from .hadamard import hadamard_block_size
 from .quantization import QuantizedKeys, QuantizedValues
 from .new_token_attention import causal_attention, causal_attention_lse, merge_attention, uses_dense_new_tokens
@@ -34,13 +34,19 @@ def check_attention_inputs(query, cache: CacheTensors, new_keys, new_values, ski
     qb, hq, tq, qd = query.shape
     if qb != b or qd != d:
         raise ValueError(f"query {tuple(query.shape)} does not match the cache (B={b}, D={d})")
-    if hq % h:
-        raise ValueError(f"query heads {hq} not a multiple of the cache's kv heads {h}")
+    if hq < 1 or hq % h:
+        raise ValueError(f"query heads {hq} not a multiple of the cache's kv heads {h} (>= 1; query {tuple(query.shape)})")
     if new_keys is not None:
         if new_keys.shape != new_values.shape or new_keys.shape != (b, h, tq, d):
             raise ValueError(
                 f"new keys {tuple(new_keys.shape)} / values {tuple(new_values.shape)} must be "
                 f"[B={b}, Hkv={h}, T={tq}, D={d}] to match the query {tuple(query.shape)}"
+            )
+        if new_keys.dtype != new_values.dtype or not new_keys.is_floating_point():
+            raise TypeError(f"new keys/values must share one float dtype, got {new_keys.dtype}/{new_values.dtype}")
+        if new_keys.device != cache.lengths.device or new_values.device != cache.lengths.device:
+            raise ValueError(
+                f"new keys on {new_keys.device}, values on {new_values.device}, cache on {cache.lengths.device}"
             )
     if query.device != cache.lengths.device:
         raise ValueError(f"query on {query.device}, cache on {cache.lengths.device}")
@@ -603,8 +609,6 @@ def num_kv_splits(
     return max(1, min(want, cap, 64))
 
 
-_SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
-
 # Launch parameters of the split (stage 1) kernel; benchmarks/decode_attention.py --sweep explores them.
 # Keyed on nothing that changes per step (never on sequence length). "block_n": tokens per tile
 # (NGT = block_n / group_size groups); "tile_rows": MMA rows per tile, NGT * RB with RB query rows per
@@ -653,7 +657,8 @@ def cache_attention(
     tens of thousands of programs that would find nothing to read).
 
     query ``[B, Hq, T, D]`` fp16/bf16/fp32, new keys/values ``[B, Hkv, T, D]`` or None ->
-    ``[B, Hq, T, D]`` contiguous, query dtype. head_dim 32, 64, 96, 128 or 256. Two launches (split-K
+    ``[B, Hq, T, D]`` contiguous, query dtype. head_dim 32, 64, 96, 128 or 256 (``cache_layout.
+    TRITON_HEAD_DIMS``; ``check_triton_format`` owns the limits). Two launches (split-K
     stage over the quantized prefix and, in extra programs, the residual and new tokens; merge stage);
     scratch for the partials is allocated here from static sizes; no host synchronization.
 
@@ -666,16 +671,8 @@ def cache_attention(
     if (new_keys is None) != (new_values is None):
         raise ValueError("new_keys and new_values must both be given or both be None")
     check_attention_inputs(query, cache, new_keys, new_values, skip)
-    g, r, bits = fmt.group_size, fmt.residual_length, fmt.bits
-    if g & (g - 1) or g < 8:
-        raise ValueError(f"Triton cache kernels need a power-of-two group_size >= 8, got {g}")
-    if cache.lengths.dtype != torch.int32:
-        raise TypeError(f"cache.lengths must be int32, got {cache.lengths.dtype}")
+    check_triton_cache(cache, fmt, attention=True)  # group size, head_dim (query's, checked equal), lengths
     bsz, hq, tq, d = query.shape
-    hkv = cache.residual_keys.shape[1]
-    if d not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {d} not supported by the Triton kernel (query {tuple(query.shape)}); "
-                         f"supported: {_SUPPORTED_HEAD_DIMS}; use cache_attention_ref for others")  # fmt: skip
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive float or None, got {softcap}")
     if window is not None and (int(window) != window or window < 1):

@@ -32,13 +32,23 @@ they may be decided at run time (before the first block is quantized) and must n
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
 
 from .packing import codes_per_byte
 
-__all__ = ["CacheFormat", "CacheTensors", "allocate_cache", "cache_nbytes"]
+__all__ = [
+    "FP16_MAX", "TRITON_HEAD_DIMS", "CacheFormat", "CacheTensors", "allocate_cache", "cache_nbytes",
+    "check_storable", "check_triton_cache", "check_triton_format",
+]  # fmt: skip
+
+FP16_MAX = 65504.0  # largest finite fp16: the group minimum/step are stored in fp16
+
+# head dims the Triton attention kernel (kernels.cache_attention) tiles; other multiples of group_size run on
+# the reference path only
+TRITON_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 
 class CacheFormat(NamedTuple):
@@ -75,6 +85,69 @@ class CacheTensors(NamedTuple):
         return self.residual_keys.shape[-1]
 
 
+def check_triton_format(fmt: CacheFormat, head_dim: int | None = None, where: str = "") -> None:
+    """Raise ``ValueError`` unless the Triton cache kernels can run ``fmt`` (and ``head_dim`` when given).
+
+    The one owner of the kernels' format limits: ``group_size`` a power of two >= 8 (a tile holds whole
+    groups, and its sizes are powers of two) for both kernels, ``head_dim`` one of ``TRITON_HEAD_DIMS``
+    for the attention kernel. ``OScaRConfig`` checks the group size when it is built, :func:`allocate_cache`
+    checks both for a cache on a CUDA device, and the launchers (:func:`check_triton_cache`) check again.
+    ``where``: prefix naming the caller's field in the message (e.g. ``"OScaRConfig."``).
+    """
+    g = fmt.group_size
+    if g < 8 or g & (g - 1):
+        raise ValueError(
+            f"{where}group_size must be a power of two >= 8 (8, 16, 32, 64, ...: the Triton cache kernels' "
+            f"tiles hold whole groups), got {g}"
+        )
+    if head_dim is not None and head_dim not in TRITON_HEAD_DIMS:
+        raise ValueError(
+            f"{where}head_dim {head_dim} not supported by the Triton cache kernels; supported: {TRITON_HEAD_DIMS} "
+            "(other multiples of group_size run on the reference path only: a CPU cache, cache_attention_ref)"
+        )
+
+
+def check_triton_cache(cache: "CacheTensors", fmt: CacheFormat, attention: bool) -> None:
+    """Launcher-side checks of a cache handed to a Triton kernel (host-side, no sync): the format
+    (:func:`check_triton_format`; the head_dim too for ``attention``), int32 ``lengths`` and a residual
+    buffer of ``residual_length`` tokens."""
+    check_triton_format(fmt, cache.head_dim if attention else None)
+    if cache.lengths.dtype != torch.int32:
+        raise TypeError(f"cache.lengths must be int32, got {cache.lengths.dtype}")
+    if cache.residual_keys.shape[2] != fmt.residual_length:
+        raise ValueError(
+            f"residual buffer holds {cache.residual_keys.shape[2]} tokens, fmt says residual_length {fmt.residual_length}"
+        )
+
+
+def check_storable(name: str, tokens: torch.Tensor, *params: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless quantized ``tokens`` fit the cache's storage.
+
+    ``tokens``: the tokens just quantized (before rotation/scaling); ``params``: what quantization derived
+    from them (fp16 group minimum and step, fp32 key norms). The tokens must be finite, and so must the
+    parameters: a group whose minimum or step lies beyond the fp16 range (``FP16_MAX``, after the Hadamard
+    rotation, which can grow an entry by up to sqrt(head_dim), and the key norm division) would be stored
+    as inf and attended as NaN. Host-synchronizing: for the reference path (``append_kv_ref``) and
+    ``fake_quantize``; the Triton append does not check (``kernels.append_kv.append_kv``).
+    """
+    if not bool(torch.isfinite(tokens).all()):
+        raise ValueError(f"{name} contain non-finite values in the tokens to quantize")
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        peak = float(tokens.abs().max())
+        raise ValueError(
+            f"{name} exceed the fp16 range ({FP16_MAX}) of the quantization parameters: a group minimum or step "
+            f"(fp16), or a key norm (fp32), would not be finite (largest |input| {peak:.6g}, before the rotation "
+            "and norm division), and attention would return NaN"
+        )
+
+
+def _positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"allocate_cache: {name} must be an int >= 1, got {v!r} ({type(v).__name__})")
+    if v < 1:
+        raise ValueError(f"allocate_cache: {name} must be an int >= 1, got {v}")
+
+
 def _check_format(fmt: CacheFormat, max_len: int, head_dim: int) -> None:
     codes_per_byte(fmt.bits)
     if fmt.residual_length % fmt.group_size:
@@ -99,8 +172,15 @@ def allocate_cache(
     """Zeroed storage for ``batch`` sequences of up to ``max_len`` tokens; ``lengths`` start at 0.
 
     ``rotate_keys``/``token_scaling``: initial per-head key flags (bool, or bool tensor ``[Hkv]``).
+    A cache on a CUDA device must fit the Triton kernels (:func:`check_triton_format`): checked here, not
+    at its first step.
     """
+    for name, v in (("batch", batch), ("kv_heads", kv_heads), ("max_len", max_len), ("head_dim", head_dim)):
+        _positive_int(name, v)
     _check_format(fmt, max_len, head_dim)
+    on = torch.device(device) if device is not None else torch.get_default_device()
+    if on.type == "cuda":
+        check_triton_format(fmt, head_dim)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"cache dtype must be float16, bfloat16 or float32, got {dtype}")
     per_byte = codes_per_byte(fmt.bits)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 
+from .kernels.cache_layout import CacheFormat, check_triton_format
 from .kernels.key_transform import FALLBACK_FLAGS
 from .kernels.packing import SUPPORTED_BITS
 
@@ -18,7 +20,9 @@ class OScaRConfig:
 
     Args:
         bits: code width, 2 (default) or 4.
-        group_size: tokens per key group (per channel) and channels per value group (per token).
+        group_size: tokens per key group (per channel) and channels per value group (per token); a power
+            of two >= 8 (the Triton kernels' limit, ``kernels.cache_layout.check_triton_format``). On CUDA the
+            head dim must also be one the kernels support: checked when a cache is allocated.
         residual_length: newest tokens kept in full precision; a full block of this many is
             quantized at once. A positive multiple of ``group_size``.
         rotate_keys: Hadamard-rotate keys (and queries) before quantizing; a bool, or ``"auto"`` (the
@@ -42,12 +46,22 @@ class OScaRConfig:
     token_scaling: bool | str = True
 
     def __post_init__(self):
+        accepted = {
+            "bits": f"one of {SUPPORTED_BITS}",
+            "group_size": "a power of two >= 8, e.g. 32",
+            "residual_length": "a positive multiple of group_size, e.g. 128",
+        }
+        for name, what in accepted.items():  # ints only: 2.0 or True would reach the kernels as constexprs
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"OScaRConfig.{name} must be an int ({what}), got {v!r} ({type(v).__name__})")
+            object.__setattr__(self, name, int(v))  # numpy ints become Python ints (frozen dataclass)
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"OScaRConfig.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 8:
-            raise ValueError(f"OScaRConfig.group_size must be a positive multiple of 8, got {self.group_size!r}")
+        # the Triton kernels' limit, checked here rather than at a cache's first step on the GPU
+        check_triton_format(CacheFormat(self.bits, self.group_size, self.residual_length), where="OScaRConfig.")
         r = self.residual_length
-        if not isinstance(r, int) or r <= 0 or r % self.group_size:
+        if r <= 0 or r % self.group_size:
             raise ValueError(
                 f"OScaRConfig.residual_length must be a positive multiple of group_size "
                 f"({self.group_size}), got {r!r}"
