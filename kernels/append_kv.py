@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache_layout import CacheFormat, CacheTensors
+from .cache_layout import CacheFormat, CacheTensors, check_storable, check_triton_cache
 from .hadamard import hadamard_block_size
 from .quantization import quantize_keys, quantize_values
 from .triton_utils import (
@@ -46,10 +46,12 @@ def check_append_inputs(cache: CacheTensors, new_keys: torch.Tensor, new_values:
         raise ValueError(
             f"new keys {tuple(new_keys.shape)} do not match the cache (B={b}, Hkv={h}, D={d})"
         )
+    if min(b, h, d) < 1:
+        raise ValueError(f"new keys {tuple(new_keys.shape)}: B, Hkv and D must be >= 1 (only T_new may be 0)")
     if new_keys.device != cache.lengths.device or new_values.device != cache.lengths.device:
         raise ValueError(f"new keys on {new_keys.device}, values on {new_values.device}, cache on {cache.lengths.device}")
-    if not new_keys.is_floating_point() or not new_values.is_floating_point():
-        raise TypeError(f"new keys/values must be float, got {new_keys.dtype}/{new_values.dtype}")
+    if not new_keys.is_floating_point() or new_keys.dtype != new_values.dtype:
+        raise TypeError(f"new keys/values must share one float dtype, got {new_keys.dtype}/{new_values.dtype}")
     if skip is not None and (skip.shape != (b,) or skip.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"skip must be an int tensor of shape ({b},), got {skip.dtype} {tuple(skip.shape)}")
 
@@ -65,8 +67,10 @@ def append_kv_ref(
     """Append ``new_keys``/``new_values`` ``[B, Hkv, T_new, D]`` to ``cache`` in place (reference).
 
     skip: int ``[B]``, leading tokens of this chunk not to store (left padding); None means 0.
-    Raises ValueError when a sequence would exceed the cache's ``max_len`` (nothing is written then).
-    Host-synchronizing reference: the CPU path and the oracle for the Triton kernel.
+    Raises ValueError when a sequence would exceed the cache's ``max_len``, and when a block to quantize
+    cannot be stored (``cache_layout.check_storable``: non-finite tokens, or group parameters beyond the
+    fp16 range, e.g. bf16 values > 65504, the error ``fake_quantize`` raises on the same tokens); nothing is
+    written then. Host-synchronizing reference: the CPU path and the oracle for the Triton kernel.
     """
     check_append_inputs(cache, new_keys, new_values, skip)
     r = fmt.residual_length
@@ -82,16 +86,23 @@ def append_kv_ref(
             raise ValueError(
                 f"cache overflow: sequence {b} holds {length} tokens, appending {t_new - s} exceeds max_len {cache.max_len}"
             )
+    staged = []  # every sequence's blocks are quantized and checked before anything is written
     for b, (length, s) in enumerate(zip(lengths, skips)):
-        n_quant, n_res = length // r * r, length % r
+        n_res = length % r
         keys = torch.cat([cache.residual_keys[b, :, :n_res], new_keys[b, :, s:].to(cache.residual_keys.dtype)], 1)
         values = torch.cat([cache.residual_values[b, :, :n_res], new_values[b, :, s:].to(cache.residual_values.dtype)], 1)
         n_blocks = keys.shape[1] // r
+        qk = qv = None
         if n_blocks:
             done = n_blocks * r
             qk = quantize_keys(keys[None, :, :done], fmt.bits, g, cache.key_rotated, cache.key_scaled)
             qv = quantize_values(values[None, :, :done], fmt.bits, g, fmt.rotate_values)
-            t0, t1 = n_quant, n_quant + done
+            check_storable(f"keys (sequence {b})", keys[:, :done], qk.mn, qk.scale, qk.norms)
+            check_storable(f"values (sequence {b})", values[:, :done], qv.mn, qv.scale)
+        staged.append((keys, values, n_blocks, qk, qv))
+    for b, ((length, s), (keys, values, n_blocks, qk, qv)) in enumerate(zip(zip(lengths, skips), staged)):
+        if n_blocks:
+            t0, t1 = length // r * r, length // r * r + n_blocks * r
             cache.key_codes[b, :, t0 // per_byte : t1 // per_byte] = qk.codes[0]
             cache.key_mn[b, :, t0 // g : t1 // g] = qk.mn[0]
             cache.key_scale[b, :, t0 // g : t1 // g] = qk.scale[0]
@@ -255,16 +266,6 @@ def _append_residual_kernel(
     tl.store(lengths + b, length + n)
 
 
-def _check_triton_format(cache: CacheTensors, fmt: CacheFormat) -> None:
-    g, r = fmt.group_size, fmt.residual_length
-    if g & (g - 1) or g < 8:
-        raise ValueError(f"Triton cache kernels need a power-of-two group_size >= 8, got {g}")
-    if cache.lengths.dtype != torch.int32:
-        raise TypeError(f"cache.lengths must be int32, got {cache.lengths.dtype}")
-    if cache.residual_keys.shape[2] != r:
-        raise ValueError(f"residual buffer holds {cache.residual_keys.shape[2]} tokens, fmt says residual_length {r}")
-
-
 @torch.no_grad()
 def append_kv(
     cache: CacheTensors,
@@ -291,9 +292,15 @@ def append_kv(
     compiled without FMA contraction. The norm's fp32 sum runs in a different order than torch's
     reduction, so for general inputs a norm may differ in the last ulp (exactly equal whenever the sum
     of squares is exact, which the tests use to check codes bit for bit).
+
+    Unlike the reference, the launcher does not check that the blocks it quantizes can be stored (that
+    needs a host sync): non-finite tokens, or tokens whose group minimum/step falls beyond the fp16 range
+    (e.g. bf16 values > 65504 in magnitude, after the rotation), are stored as inf/NaN parameters, and
+    attention over them returns NaN. ``append_kv_ref`` (the CPU path) and ``fake_quantize`` raise
+    ``ValueError`` on the same tokens (``cache_layout.check_storable``).
     """
     check_append_inputs(cache, new_keys, new_values, skip)
-    _check_triton_format(cache, fmt)
+    check_triton_cache(cache, fmt, attention=False)  # the format limits check_triton_format owns
     bsz, hkv, t_new, d = new_keys.shape
     if t_new == 0 or bsz == 0:
         return

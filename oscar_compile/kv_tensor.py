@@ -101,13 +101,15 @@ class KVView(NamedTuple):
     """Which logical view of the layer's cache a subclass instance is (views share the state).
 
     ``n_rep`` > 1: GQA-expanded (``repeat_kv``); ``five_d``: the intermediate ``[B, Hkv, n_rep, T, D]``
-    of ``repeat_kv``; ``start``/``stop``: token range along dim 2 (``k[:, :, a:b]``).
+    of ``repeat_kv``; ``start``/``stop``: token range along dim 2 (``k[:, :, a:b]``); ``squeeze``: the
+    token dim is indexed away (``k[:, :, i]``, ``stop == start + 1``): the shape lacks it.
     """
 
     n_rep: int
     five_d: bool
     start: int
     stop: int
+    squeeze: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,6 +169,7 @@ class _OScaRHalf(TorchAOBaseTensor):
         view = KVView(*attrs[-1])
         t = view.stop - view.start
         shape = (b, hkv, view.n_rep, t, d) if view.five_d else (b, hkv * view.n_rep, t, d)
+        shape = shape[:-2] + shape[-1:] if view.squeeze else shape
         self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=residual.dtype, device=residual.device)
         for name, value in zip(cls.tensor_data_names, tensors):
             setattr(self, name, value)
@@ -226,6 +229,8 @@ class _OScaRHalf(TorchAOBaseTensor):
         Stored tokens are dequantized at their logical positions (``offsets[b] + slot``), tokens written
         this step and not yet attended (pending) are placed at full precision; other positions are 0.
         """
+        if self.view.squeeze:  # k[:, :, i]: the one-token slice without its token dim
+            return self._with_view(self.view._replace(squeeze=False)).dequantize(dtype).squeeze(-2)
         dtype = dtype or self.dtype
         m, r = self._max_len(), self.residual_length
         residual = getattr(self, self._residual_name)
@@ -502,6 +507,8 @@ def _(func, types, args, kwargs):
     v = self.view
     if v.n_rep != 1 or v.five_d:
         raise NotImplementedError("OScaR cache: copy_ into a GQA-expanded view of the cache")
+    if v.squeeze and src.dim() <= 3:  # k[:, :, i] = x, x [B, Hkv, D] (setitem strips leading size-1 dims)
+        src = src.reshape((1,) * (3 - src.dim()) + tuple(src.shape)).unsqueeze(2)
     _check_write_target(self, src, "slice assignment")
     if src.shape[2] != v.stop - v.start:
         raise ValueError(f"OScaR cache: slice assignment of {src.shape[2]} tokens into [{v.start}, {v.stop})")
@@ -517,6 +524,8 @@ def _(func, types, args, kwargs):
     end = args[3] if len(args) > 3 else kwargs.get("end", None)
     step = args[4] if len(args) > 4 else kwargs.get("step", 1)
     v = self.view
+    if v.squeeze:  # k[:, :, i][...]: a plain read
+        return _fallback(func, args, kwargs)
     ndim = 5 if v.five_d else 4
     dim = dim % ndim
     size = self.shape[dim]
@@ -533,6 +542,10 @@ def _(func, types, args, kwargs):
 def _(func, types, args, kwargs):
     self, dim = args
     v = self.view
+    if v.squeeze:  # k[:, :, i].unsqueeze(2) is k[:, :, i:i + 1]; other dims: a plain read
+        if dim % (self.dim() + 1) == self.dim() - 1:
+            return self._with_view(v._replace(squeeze=False))
+        return _fallback(func, args, kwargs)
     if not v.five_d and v.n_rep == 1 and dim == 2:
         return self._with_view(KVView(1, True, v.start, v.stop))
     return _fallback(func, args, kwargs)
@@ -542,12 +555,12 @@ def _(func, types, args, kwargs):
 def _(func, types, args, kwargs):
     self, size = args[0], list(args[1])
     v = self.view
-    if v.five_d and len(size) == 5:
+    if v.five_d and len(size) == 5 and not v.squeeze:
         want = list(self.shape)
         n = size[2]
         if all(s in (-1, w) for i, (s, w) in enumerate(zip(size, want)) if i != 2) and (v.n_rep == 1 or n == v.n_rep):
             return self._with_view(KVView(n, True, v.start, v.stop))
-    if list(size) == list(self.shape) or all(s == -1 or s == w for s, w in zip(size, self.shape)):
+    if len(size) == self.dim() and all(s == -1 or s == w for s, w in zip(size, self.shape)):
         return self._with_view(v)
     return _fallback(func, args, kwargs)
 
@@ -558,11 +571,39 @@ def _(func, types, args, kwargs):
     v = self.view
     b, h = self.shape[0], self.shape[1]
     t, d = v.stop - v.start, self.shape[-1]
-    if v.five_d and size in ([b, h * v.n_rep, t, d], [b, -1, t, d], [b, h * v.n_rep, -1, d]):
+    if v.five_d and not v.squeeze and size in ([b, h * v.n_rep, t, d], [b, -1, t, d], [b, h * v.n_rep, -1, d]):
         return self._with_view(KVView(v.n_rep, False, v.start, v.stop))
     if size == list(self.shape):
         return self._with_view(v)
     return _fallback(func, args, kwargs)
+
+
+@_implements([aten.select.int])
+def _(func, types, args, kwargs):
+    # k[:, :, i]: a view of one token without the token dim (writable like k[:, :, i:i + 1]); other dims: a read
+    self, dim, index = args
+    v = self.view
+    if v.squeeze or dim % self.dim() != self.dim() - 2:
+        return _fallback(func, args, kwargs)
+    size = v.stop - v.start
+    if not -size <= index < size:
+        raise IndexError(f"index {index} is out of bounds for dimension {dim} with size {size}")
+    i = v.start + index % size
+    return self._with_view(v._replace(start=i, stop=i + 1, squeeze=True))
+
+
+_device_moves = {cls: cls._ATEN_OP_TABLE[cls][aten._to_copy.default] for cls in _HALVES}  # torchao's: state moves
+
+
+@_implements([aten._to_copy.default])
+def _(func, types, args, kwargs):
+    # k.to(dtype) / k.half() / k.float(): a plain tensor of that dtype holding the dequantized logical contents
+    # (through _fallback: refused while tokens are pending). A device move alone keeps the cache (state moved).
+    self = args[0]
+    dtype = kwargs.get("dtype")
+    if dtype is not None and dtype != self.dtype:
+        return _fallback(func, args, kwargs)
+    return _device_moves[type(self)](func, types, args, kwargs)
 
 
 @_implements([aten.alias.default, aten.detach.default])
