@@ -6,9 +6,9 @@ What it does:
    the model use ``OScaRCache`` by default, so ``generate()`` writes into OScaR state from the start.
 2. Compiles the model in place (like ``nn.Module.compile``: the same object is returned, so
    ``generate()`` and every attribute keep working) with the :class:`~oscar_compile.passes.OScaRBackend`:
-   at each traced graph it discovers attention-with-KV-cache sites, swaps each rewritten cache for OScaR
-   state (the full-precision buffer's storage is freed), rewrites writes + attention to the oscar ops and
-   compiles with Inductor.
+   at each traced graph it discovers attention-with-KV-cache sites, puts OScaR state (the cache tensor
+   subclass of :mod:`oscar_compile.kv_tensor`) in each rewritten cache's place in its module, rewrites
+   writes + attention to the oscar ops and compiles with Inductor.
 3. Attaches ``model.oscar_report`` (:class:`~oscar_compile.passes.OScaRReport`), filled when graphs are
    traced, i.e. at the first call.
 
@@ -18,12 +18,15 @@ Documented outcomes:
   ``0 site(s) rewritten`` and lists every attention it saw with the reason it was left alone;
 * compiled twice: the second call returns the model unchanged with a ``UserWarning`` (the caches are
   already OScaR state; compiling again would lose it);
-* inference only: calls run under ``torch.no_grad()`` (the oscar ops have no backward).
+* inference only: calls run under ``torch.no_grad()`` (the oscar ops have no backward);
+* the model owns its state: a replaced cache attribute reads as its dequantized contents, ``state_dict()``
+  saves it dequantized (a plain tensor of the buffer's shape and dtype; loading a checkpoint into the
+  compiled model keeps the cache's OScaR state), ``copy.deepcopy`` copies it, ``torch.save(model)`` works.
 """
 
 from __future__ import annotations
 
-import functools
+import copy
 import importlib
 import warnings
 
@@ -86,26 +89,47 @@ def compile(model: torch.nn.Module, config: OScaRConfig | None = None, **torch_c
         )
         return model
 
-    report = OScaRReport(config)
     options = dict(torch_compile_kwargs.pop("options", None) or {})
     mode = torch_compile_kwargs.pop("mode", None)
     if mode is not None:
         options = {**torch._inductor.list_mode_options(mode), **options}
-    backend = OScaRBackend(config, report=report, inductor_options=options)
+    backend = OScaRBackend(config, report=OScaRReport(config), inductor_options=options)
 
     if _is_hf_model(model):
         hook = _hf_hook()
         if hook is not None:
             hook(model, config)
 
-    compiled = torch.compile(model._call_impl, backend=backend, **torch_compile_kwargs)
-
-    @functools.wraps(model._call_impl)
-    def call(*args, **kwargs):
-        with torch.no_grad():
-            return compiled(*args, **kwargs)
-
-    model._compiled_call_impl = call
-    model.oscar_report = report
+    model._oscar_compiled = CompiledCall(model, backend, torch_compile_kwargs)
+    model.oscar_report = backend.report
     model._oscar_backend = backend
     return model
+
+
+class CompiledCall:
+    """``model._compiled_call_impl`` of a model given to ``oscar.compile``: ``model._call_impl`` compiled with
+    the OScaR backend (at the first call), run under ``torch.no_grad()``.
+
+    Held as ``model._oscar_compiled``, it installs itself as ``model._compiled_call_impl``, which
+    ``nn.Module`` drops when a module is copied or pickled: a copy of the model gets its own again when this
+    object is rebuilt with it. So ``copy.deepcopy(model)`` compiles the copy afresh (its caches, OScaR
+    halves included, are copied by deepcopy, so the copy decodes exactly like the original), and
+    ``torch.save(model)`` / ``pickle`` store the model, backend settings and compile arguments, not code.
+    """
+
+    def __init__(self, model: torch.nn.Module, backend: OScaRBackend, compile_kwargs: dict):
+        self.model = model
+        self.backend = backend
+        self.compile_kwargs = dict(compile_kwargs)
+        self._compiled = None
+        # object.__setattr__: while unpickling, the module's __dict__ may not be filled in yet
+        object.__setattr__(model, "_compiled_call_impl", self)
+
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model._call_impl, backend=self.backend, **self.compile_kwargs)
+        with torch.no_grad():
+            return self._compiled(*args, **kwargs)
+
+    def __reduce__(self):
+        return (CompiledCall, (self.model, self.backend, self.compile_kwargs))

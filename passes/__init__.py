@@ -11,28 +11,29 @@ Approach (one pass, on the Dynamo graph; see README "oscar.compile"):
    ``index_put_``/setitem, ``copy_`` into a slice); :mod:`.graph` is the shared op vocabulary of torch IR
    and ATen. The matcher returns a :class:`~.sites.Site` or a reason. :mod:`.patterns` holds the forms
    seen in the wild as plain torch functions (the matcher's specification and test corpus).
-2. :mod:`.rewrite` groups sites by cache and rewrites a group whole (or not at all): the writes become
-   one ``oscar::append_kv`` after the last reader, each attention ``oscar::attention`` on OScaR state
-   registered on the GraphModule; the full-precision placeholder is left without users.
-3. :mod:`.backend` runs that inside a torch.compile backend (``backend="oscar"``) before Inductor and
-   frees the storage of replaced caches; :class:`~.backend.OScaRInductorPass` is the Inductor
-   ``CustomGraphPass`` (discovery and report on post-grad ATen graphs).
+2. :mod:`.rewrite` groups sites by cache and rewrites a group whole (or not at all): the cache becomes the
+   OScaR tensor-subclass pair of :mod:`oscar_compile.kv_tensor` (put in the module in the cache's place),
+   each attention a :func:`~.rewrite.cache_step` on it (attend, then append once after the last reader),
+   the model's own writes are erased.
+3. :mod:`.backend` runs that inside a torch.compile backend (``backend="oscar"``) before Inductor;
+   :class:`~.backend.OScaRInductorPass` is the Inductor ``CustomGraphPass`` (discovery and report on
+   post-grad ATen graphs).
 4. :mod:`.report` records what was rewritten or skipped and why, and the KV memory before/after.
 """
 
 from .backend import OScaRBackend, OScaRInductorPass, default_backend, oscar_backend
 from .report import OScaRReport, SiteRecord
-from .rewrite import CacheState, StateRegistry, rewrite_graph
+from .rewrite import CacheRegistry, cache_step, rewrite_graph
 from .sites import Site, find_attention_nodes, match_attention
 
 __all__ = [
-    "CacheState",
+    "CacheRegistry",
     "OScaRBackend",
     "OScaRInductorPass",
     "OScaRReport",
     "Site",
     "SiteRecord",
-    "StateRegistry",
+    "cache_step",
     "default_backend",
     "find_attention_nodes",
     "match_attention",

@@ -1,10 +1,10 @@
 """Entry points into torch.compile: the ``"oscar"`` Dynamo backend and an Inductor ``CustomGraphPass``.
 
 The rewrite runs on the Dynamo graph (torch IR), where cache buffers are graph inputs whose real tensors
-the backend receives: that is where OScaR state can be attached (as GraphModule buffers) and the
-full-precision storage freed. The post-grad Inductor pass (:class:`OScaRInductorPass`) sees only the
-functionalized ATen graph; it discovers and reports sites there (aten SDPA variants, functional
-``index_put``/``index_copy`` writes) but cannot add state inputs, so it does not rewrite.
+the backend receives: that is where a cache can be replaced by its OScaR halves. The post-grad Inductor
+pass (:class:`OScaRInductorPass`) sees only the functionalized ATen graph; it discovers and reports sites
+there (aten SDPA variants, functional ``index_put``/``index_copy`` writes) but cannot replace a module's
+cache, so it does not rewrite.
 """
 
 from __future__ import annotations
@@ -18,16 +18,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import OScaRConfig
 from .report import OScaRReport, SiteRecord
-from .rewrite import StateRegistry, _is_oscar, rewrite_graph, site_name
+from .rewrite import CacheRegistry, rewrite_graph, site_name
 from .sites import find_attention_nodes, match_attention
 
 __all__ = ["OScaRBackend", "OScaRInductorPass", "oscar_backend", "default_backend"]
-
-
-# Inductor's reorder_for_locality moves oscar::attention next to its first user, after oscar::append_kv
-# (they are independent once functionalized); the append then cannot be re-inplaced and Inductor copies the
-# whole cache state every step (the DESIGN §4 pitfall). Keeping graph order keeps the append in place.
-INDUCTOR_DEFAULTS = {"reorder_for_locality": False}
 
 
 class OScaRBackend:
@@ -38,44 +32,56 @@ class OScaRBackend:
         report: where matches and skips are recorded (a fresh :class:`OScaRReport` by default).
         inductor_options: Inductor config patches (what ``torch.compile(options=..., mode=...)`` would set).
         inner: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph as is; for debugging).
-        free_full_precision: free the storage of replaced caches once their graph is compiled.
+
+    A graph that replaces full-precision caches by OScaR halves (:mod:`.rewrite`) reads the halves from the
+    GraphModule; they take the caches' place in their modules right after that graph's first run, so
+    every later trace sees the halves as the module's own attributes.
     """
 
-    def __init__(self, config=None, report=None, inductor_options=None, inner="inductor", free_full_precision=True):
+    def __init__(self, config=None, report=None, inductor_options=None, inner="inductor"):
         self.config = config or OScaRConfig()
         if not isinstance(self.config, OScaRConfig):
             raise TypeError(f"config must be an OScaRConfig, got {type(self.config).__name__}")
         if inner not in ("inductor", "eager"):
             raise ValueError(f"inner must be 'inductor' or 'eager', got {inner!r}")
         self.report = report if report is not None else OScaRReport(self.config)
-        self.registry = StateRegistry(self.config)
+        self.registry = CacheRegistry(self.config)
         self.inductor_options = dict(inductor_options or {})
         self.inner = inner
-        self.free_full_precision = free_full_precision
         self.graphs = []  # rewritten GraphModules, for inspection and tests
 
+    def __reduce__(self):  # a copy (deepcopy, pickle) starts with no graphs and no caches of its own yet
+        return (OScaRBackend, (self.config, self.report, self.inductor_options, self.inner))
+
     def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
-        rewrite_graph(gm, example_inputs, self.registry, self.report)
+        swaps = rewrite_graph(gm, example_inputs, self.registry, self.report)
         self.graphs.append(gm)
         if self.inner == "eager":
             compiled = gm.forward
         else:
             from torch._inductor.compile_fx import compile_fx
 
-            uses_oscar = any(_is_oscar(n) for n in gm.graph.nodes if n.op == "call_function")
-            patches = {**(INDUCTOR_DEFAULTS if uses_oscar else {}), **self.inductor_options}
-            compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
-        if self.free_full_precision:
-            self._free()
-        return compiled
+            compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_options or None)
+        if not swaps:
+            return compiled
+        return _swap_after_first_run(compiled, swaps)
 
-    def _free(self) -> None:
-        for state in list(self.registry.states.values()):
-            for t in (state.key, state.value):
-                storage = t.untyped_storage()
-                if not self.registry.freeable(t) or storage.nbytes() != t.numel() * t.element_size():
-                    continue  # a layer kept in full precision, or a view of a larger storage
-                storage.resize_(0)  # the tensor keeps its metadata (guards pass); reading it raises
+
+def _swap_after_first_run(compiled: Callable, swaps) -> Callable:
+    """``compiled``, which puts the OScaR halves in their modules once it has run (or failed) the first time.
+
+    Not before: the call in progress fetches its inputs (the full-precision caches) after compiling.
+    """
+    pending = list(swaps)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        finally:
+            while pending:
+                pending.pop().apply()
+
+    return run
 
 
 _DEFAULT: dict[str, OScaRBackend] = {}

@@ -1,160 +1,227 @@
-"""Rewrite matched sites of a Dynamo graph to ``oscar::attention`` + ``oscar::append_kv`` on OScaR state.
+"""Rewrite matched sites of a Dynamo graph to OScaR cache steps on the cache's own tensor subclass.
+
+One owner for a layer's OScaR state: the pair of tensor subclasses of :mod:`oscar_compile.kv_tensor`
+(:class:`~oscar_compile.kv_tensor.OScaRKeyCache` / :class:`~oscar_compile.kv_tensor.OScaRValueCache`), the
+same objects transformers' ``OScaRCache`` holds. The pass puts them where the full-precision cache was (the
+module's buffer or attribute), so the module owns its state: reading ``module.k_cache`` dequantizes,
+``deepcopy`` copies the state, ``state_dict`` saves the dequantized contents, ``.to(device)`` moves it.
 
 Per cache (a key/value pair of graph inputs) the sites reading it form a group; a group is rewritten whole
 or not at all. For a group:
 
-* the OScaR state (:class:`CacheState`, 12 tensors) is registered on the GraphModule as buffers and read
-  with ``get_attr`` (AOT lifts them as mutable inputs; every graph shares the same tensors);
-* ``sync_lengths`` resets the state when position 0 is written (a new sequence) and asserts on device that
-  the step writes at consecutive positions starting at the stored length (the OScaR cache appends);
-* each reader's attention becomes ``oscar::attention(query, state, new_keys, new_values)`` (GQA expansion
-  dropped; the scale carried; the causal mask is the op's own), placed where the attention was;
-* the two writes become one ``oscar::append_kv`` after the last reader (attend-then-append, DESIGN §2);
-* "auto" key flags (``OScaRConfig()``'s default): after ``sync_lengths``, a graph whose step writes at least
-  ``group_size`` tokens computes ``oscar::choose_key_flags`` from the step's new keys and the first reader's
-  queries, and every graph of the group writes the step's flags with ``ops.refresh_key_flags``, which
-  changes them only while the state holds no token (a sequence's first step, after ``sync_lengths`` reset
-  it on a write at position 0); a step of fewer than ``group_size`` tokens offers the initial flags (what the
-  choice gives for so few keys). So the flags are those of each sequence's first step (its prompt), as in
-  the cache subclass; multi-token graphs compute a choice that later chunks discard (no host bookkeeping
-  here), decode graphs (T < group_size) never run it.
+* **first graph** (the cache is still a plain tensor): new halves are allocated (``[B, Hkv, S, D]``
+  logical, the buffer's own length ``S``; state rounded up to whole residual blocks) and read with
+  ``get_attr`` from the GraphModule; after that graph's first run they replace the plain tensor in its
+  owner module (:class:`CacheSwap`). Dynamo's guards on the attribute then fail and it traces again:
+* **later graphs** see the halves as graph inputs and read them directly.
 
-Placeholders of the replaced full-precision caches are left without users; their storage is freed by the
-caller once the graph is compiled.
+Either way each reader's attention becomes :func:`cache_step` (GQA expansion dropped, the scale and softcap
+carried, the causal mask is the op's own): the first reader of a step syncs the stored length with the
+write positions (a write at position 0 starts a new sequence; any other position must be the stored length,
+checked on device) and, for "auto" key flags, decides them while the layer holds no token; every reader
+attends to the stored tokens plus the step's own; the last one appends them (``oscar::attend_append``, one op,
+so Inductor keeps the append in place). The model's own writes into the cache are erased.
+
+A cache the pass cannot rewrite stays the plain tensor it was (and is reported); one already held as
+OScaR halves that a later graph cannot rewrite raises (its full-precision copy is gone).
 """
 
 from __future__ import annotations
 
-import math
-import operator
 import re
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import fx
-from torch._dynamo.utils import counters
 from torch._dynamo.source import ConstantSource
+from torch._dynamo.utils import counters
 
-from ..kernels.cache_layout import CacheFormat, CacheTensors, allocate_cache, cache_nbytes
-from .report import OScaRReport, SiteRecord
+from ..kernels.key_transform import FALLBACK_FLAGS
+from ..kv_tensor import OScaRKeyCache, OScaRValueCache, cache_tensors, is_oscar_cache, layer_nbytes, new_kv_cache
 from .cache_trace import layer_index
 from .graph import op_name, shape_of
+from .report import OScaRReport, SiteRecord
 from .sites import Site, find_attention_nodes, match_attention
 
-__all__ = ["CacheState", "StateRegistry", "rewrite_graph", "sync_lengths", "site_name"]
+__all__ = ["CacheRegistry", "CacheSwap", "cache_step", "rewrite_graph", "site_name", "sync_positions"]
 
 
-def _ops():
-    from .. import ops  # noqa: F401  (registers torch.ops.oscar.*)
-
-    return torch.ops.oscar
+# ---------------------------------------------------------------------------------------------------
+# the step every rewritten attention runs
 
 
-@dataclass
-class CacheState:
-    """OScaR state replacing one full-precision key/value cache pair (or one layer of stacked buffers)."""
+def sync_positions(keys: OScaRKeyCache, values: OScaRValueCache, position, from_zero: bool) -> None:
+    """Start a new sequence on a write at position 0, then check the write appends at the stored length.
 
-    index: int
-    name: str
-    tensors: CacheTensors
-    fmt: CacheFormat
-    key: torch.Tensor  # the replaced full-precision tensors (storage freed once fully replaced)
-    value: torch.Tensor
-    bf16_bytes: int
-    key_index: int | None = None  # layer of a stacked [L, B, H, S, D] buffer, else None
-    value_index: int | None = None
-
-    @property
-    def oscar_bytes(self) -> int:
-        return cache_nbytes(self.tensors)
-
-
-class StateRegistry:
-    """(cache tensor, layer index) -> its OScaR state; caches (or layers) kept in full precision are pinned.
-
-    The layer index is None for a plain ``[B, H, S, D]`` cache and ``i`` for ``buffer[i]`` of a stacked one.
-    A tensor's storage may be freed only when every layer of it is replaced and none is pinned.
+    position: int positions ``[T]`` or ``[B, T]``, or the int start of a slice write. Device-side only (no
+    host sync): a write elsewhere than the stored length, or past the cache's ``max_len``, fails an assert.
     """
-
-    def __init__(self, config):
-        self.config = config
-        self.states: dict[tuple, CacheState] = {}
-        self.pinned: dict[tuple, tuple[torch.Tensor, str]] = {}
-        self._tensors: dict[int, torch.Tensor] = {}
-
-    def lookup(self, tensor, index=None) -> CacheState | None:
-        state = self.states.get((id(tensor), index))
-        if state is None:
-            return None
-        if (state.key is tensor and state.key_index == index) or (state.value is tensor and state.value_index == index):
-            return state
-        return None
-
-    def states_of(self, tensor) -> list[CacheState]:
-        return [st for (i, _), st in self.states.items() if i == id(tensor) and (st.key is tensor or st.value is tensor)]
-
-    def untouched_reason(self, tensor, index=None) -> str | None:
-        entry = self.pinned.get((id(tensor), index))
-        return entry[1] if entry is not None and entry[0] is tensor else None
-
-    def mark_untouched(self, tensor, reason: str, index=None) -> None:
-        """Keep ``tensor`` (layer ``index``) in full precision for good; a no-op once it has OScaR state."""
-        if isinstance(tensor, torch.Tensor) and self.lookup(tensor, index) is None:
-            self.pinned.setdefault((id(tensor), index), (tensor, reason))
-
-    def freeable(self, tensor) -> bool:
-        if any(key[0] == id(tensor) and entry[0] is tensor for key, entry in self.pinned.items()):
-            return False
-        if self.lookup(tensor) is not None:
-            return True
-        return tensor.dim() == 5 and all(self.lookup(tensor, i) is not None for i in range(tensor.shape[0]))
-
-    def is_freed(self, tensor) -> bool:
-        return bool(self.states_of(tensor)) and tensor.untyped_storage().nbytes() == 0
-
-    def get_or_create(self, key, value, name: str, key_index=None, value_index=None) -> CacheState:
-        state = self.lookup(key, key_index)
-        if state is not None:
-            if state.value is not value or state.value_index != value_index:
-                raise RuntimeError(f"oscar_compile: cache {name} is paired with a different value cache than before")
-            return state
-        cfg = self.config
-        k = key if key_index is None else key[key_index]
-        v = value if value_index is None else value[value_index]
-        b, hkv, length, d = k.shape
-        r = cfg.residual_length
-        fmt = CacheFormat(cfg.bits, cfg.group_size, r, cfg.rotate_values)
-        max_len = math.ceil(length / r) * r
-        rotate0, scale0 = cfg.initial_key_flags  # "auto": decided at each sequence's first step (module docstring)
-        tensors = allocate_cache(b, hkv, max_len, d, fmt, k.dtype, k.device, rotate_keys=rotate0, token_scaling=scale0)
-        bf16 = k.numel() * k.element_size() + v.numel() * v.element_size()
-        state = CacheState(len(self.states) // 2, name, tensors, fmt, key, value, bf16, key_index, value_index)
-        self.states[(id(key), key_index)] = state
-        self.states[(id(value), value_index)] = state
-        return state
-
-
-def sync_lengths(lengths: torch.Tensor, position, from_zero: bool) -> None:
-    """Reset on a write at position 0, then check the write appends at the stored length (no host sync).
-
-    lengths: [B] int32 (mutated); position: int positions [T] or [B, T], or the int start of a slice write.
-    """
+    lengths = keys.lengths  # [B] int32
     if isinstance(position, torch.Tensor):
         pos = position.to(torch.int64)
         pos = pos.reshape(1, -1) if pos.dim() <= 1 else pos.reshape(pos.shape[0], -1)
-        start = pos[:, 0]
+        start, last = pos[:, 0], pos[:, -1]
         steps = torch.arange(pos.shape[1], device=pos.device, dtype=torch.int64)
         ok = torch.all(pos == start[:, None] + steps)
     else:
         start = torch.full((1,), position, dtype=torch.int64, device=lengths.device)
+        last = start
         ok = torch.ones((), dtype=torch.bool, device=lengths.device)
     synced = torch.where(start == 0, torch.zeros_like(lengths, dtype=torch.int64), lengths.to(torch.int64))
     ok = ok & torch.all(synced == start)
     if from_zero:
         ok = ok & torch.all(start == 0)
     torch._assert_async(ok, "oscar_compile: KV cache written out of order (OScaR caches append at the stored length)")
+    torch._assert_async(torch.all(last < keys.max_len), "oscar_compile: KV cache overflow (write past max_len)")
     lengths.copy_(synced.to(lengths.dtype))
+    values.lengths.copy_(lengths)
+
+
+def cache_step(
+    query: torch.Tensor,
+    keys: OScaRKeyCache,
+    values: OScaRValueCache,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    position,
+    *,
+    scale: float,
+    softcap: float | None,
+    first: bool,
+    last: bool,
+    from_zero: bool,
+) -> torch.Tensor:
+    """One rewritten attention: ``query`` ``[B, Hq, T, D]`` over the stored cache plus ``new_*`` ``[B, Hkv, T, D]``.
+
+    ``first``: the step's first reader of this cache (syncs positions, decides "auto" key flags); ``last``:
+    its last reader (appends the new tokens after attending). Returns ``[B, Hq, T, D]`` in the query's dtype.
+    """
+    from .. import ops
+
+    fmt = keys.fmt
+    if first:
+        sync_positions(keys, values, position, from_zero)
+        if keys.key_decision is not None:  # "auto": kept only while the layer holds no token
+            t = new_keys.shape[2]
+            if isinstance(t, int) and t < fmt.group_size:  # what the choice gives for so few keys
+                rotated, scaled = (f if f != "auto" else fb for f, fb in zip(keys.key_decision, FALLBACK_FLAGS))
+            else:  # a symbolic T (dynamic prompt lengths) may be either
+                rotated, scaled = ops.choose_key_flags(new_keys, query, None, fmt.bits, fmt.group_size, *keys.key_decision)
+            ops.refresh_key_flags(keys.key_rotated, keys.key_scaled, keys.lengths, rotated, scaled)
+    cache = cache_tensors(keys, values)
+    if not last:
+        return ops.attention(query, cache, fmt, new_keys, new_values, scale=scale, softcap=softcap)
+    out = ops.attend_append(query, cache, fmt, new_keys, new_values, scale=scale, softcap=softcap)
+    values.lengths.copy_(keys.lengths)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# which caches were replaced, which stay in full precision
+
+
+@dataclass
+class CacheSwap:
+    """Halves to put in place of a full-precision cache tensor: ``owner[key] = half`` (a module's
+    ``_buffers``; ``module`` is that module) or ``setattr(owner, key, half)`` (a plain attribute)."""
+
+    owner: object
+    key: str
+    half: torch.Tensor
+    module: torch.nn.Module | None = None
+
+    def apply(self) -> None:
+        if isinstance(self.owner, dict):
+            self.owner[self.key] = self.half
+        else:
+            setattr(self.owner, self.key, self.half)
+        if self.module is not None and not getattr(self.module, "_oscar_state_hooks", False):
+            self.module.register_state_dict_post_hook(_save_dequantized)
+            self.module.register_load_state_dict_pre_hook(_keep_cache_state)
+            self.module._oscar_state_hooks = True
+
+
+def _save_dequantized(module, state_dict, prefix, local_metadata) -> None:
+    """``state_dict`` hook: a buffer held as an OScaR half is saved as its dequantized contents, a plain tensor
+    of the buffer's shape and dtype, so the checkpoint loads anywhere (oscar_compile not needed)."""
+    for name, buf in module._buffers.items():
+        if is_oscar_cache(buf) and prefix + name in state_dict:
+            state_dict[prefix + name] = buf.dequantize()
+
+
+def _keep_cache_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """``load_state_dict`` hook: a cache held as OScaR state keeps its state (the checkpoint's cache entry,
+    runtime state rather than a weight, is not loaded into it)."""
+    for name, buf in module._buffers.items():
+        if is_oscar_cache(buf) and prefix + name in state_dict:
+            state_dict[prefix + name] = buf
+
+
+@dataclass
+class ReplacedCache:
+    """A key/value cache pair held as OScaR halves (``name``: the module attributes, for the report)."""
+
+    name: str
+    keys: OScaRKeyCache
+    values: OScaRValueCache
+    bf16_bytes: int
+
+
+class CacheRegistry:
+    """Full-precision cache tensors replaced by OScaR halves, and those kept in full precision for good.
+
+    Keyed by tensor identity (weak references: a replaced tensor is not kept alive). The layer index is
+    None for a plain ``[B, H, S, D]`` cache and ``i`` for ``buffer[i]`` of a stacked one (never replaced).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self._replaced: dict[int, tuple[weakref.ref, ReplacedCache]] = {}
+        self._pinned: dict[tuple, tuple[weakref.ref, str]] = {}
+        self.count = 0
+
+    def replaced(self, tensor) -> ReplacedCache | None:
+        entry = self._replaced.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def untouched_reason(self, tensor, index=None) -> str | None:
+        entry = self._pinned.get((id(tensor), index))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def mark_untouched(self, tensor, reason: str, index=None) -> None:
+        """Keep ``tensor`` (layer ``index``) in full precision for good; a no-op once it is replaced."""
+        if isinstance(tensor, torch.Tensor) and not is_oscar_cache(tensor) and self.replaced(tensor) is None:
+            if self.untouched_reason(tensor, index) is None:
+                self._pinned[(id(tensor), index)] = (weakref.ref(tensor), reason)
+
+    def replace(self, key: torch.Tensor, value: torch.Tensor, name: str) -> ReplacedCache:
+        """Allocate the OScaR halves standing in for ``key``/``value`` ``[B, Hkv, S, D]`` (same logical shape)."""
+        state = self.replaced(key)
+        if state is not None:
+            return state
+        b, hkv, length, d = key.shape
+        halves = new_kv_cache(b, hkv, length, d, self.config, key.dtype, key.device, exact_len=True)
+        for half in halves:  # static addresses: CUDA graphs capture the state in place, no input copies
+            torch._dynamo.mark_static_address(half)
+            for inner in half.tensor_data_names:
+                torch._dynamo.mark_static_address(getattr(half, inner))
+        bf16 = key.numel() * key.element_size() + value.numel() * value.element_size()
+        state = ReplacedCache(name, *halves, bf16)
+        for t in (key, value):
+            self._replaced[id(t)] = (weakref.ref(t), state)
+        self.count += 1
+        return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# names
+
+
+def _source_name(source) -> str:
+    name = source.name
+    return name() if callable(name) else name
 
 
 def _clean_path(path: str) -> str:
@@ -175,18 +242,45 @@ def site_name(node: fx.Node) -> str:
 
 
 def _input_name(node: fx.Node, values) -> str:
-    src = node.meta.get("grapharg")
-    src = getattr(src, "source", None)
+    src = getattr(node.meta.get("grapharg"), "source", None)
     if src is not None:
-        return _clean_path(src.name if isinstance(src.name, str) else src.name())
+        return _clean_path(_source_name(src))
     return node.name
 
 
-def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, report: OScaRReport) -> int:
-    """Match and rewrite every site of ``gm`` in place; returns the number of attention sites rewritten.
+def _owner_swap(node: fx.Node, half: torch.Tensor) -> CacheSwap | str:
+    """Where the graph input ``node`` lives (its owner module's ``_buffers`` or the attribute's object)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    Raises RuntimeError only when a cache (or layer) already held as OScaR state is used by something this
-    graph cannot rewrite: its full-precision copy is stale or freed, so leaving it would be wrong.
+    src = getattr(node.meta.get("grapharg"), "source", None)
+    base = getattr(src, "base", None)
+    key = getattr(src, "index", None) if hasattr(src, "index") else getattr(src, "member", None)
+    if base is None or not isinstance(key, str):
+        return f"cache {node.name} is not a module attribute the pass can replace (source {src and _source_name(src)})"
+    tx = InstructionTranslator.current_tx()
+    try:
+        owner = eval(_source_name(base), {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307 (Dynamo's own source text)
+    except Exception as e:  # a source Dynamo can read but a plain eval cannot (e.g. closures)
+        return f"cache {node.name} is not a module attribute the pass can replace ({type(e).__name__}: {e})"
+    if isinstance(owner, dict) and hasattr(src, "index"):
+        module = None
+        if _source_name(base).endswith("._buffers"):
+            module = eval(_source_name(base)[: -len("._buffers")], {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307
+        return CacheSwap(owner, key, half, module if isinstance(module, torch.nn.Module) else None)
+    if hasattr(src, "member") and not isinstance(owner, dict):
+        return CacheSwap(owner, key, half)
+    return f"cache {node.name} is not a module attribute the pass can replace (source {_source_name(src)})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the rewrite
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: CacheRegistry, report: OScaRReport) -> list[CacheSwap]:
+    """Match and rewrite every site of ``gm`` in place; returns the swaps to apply after its first run.
+
+    Raises RuntimeError only when a cache already held as OScaR halves is used by something this graph
+    cannot rewrite: its full-precision copy is gone, so leaving it would be wrong.
     """
     graph = gm.graph
     cfg = registry.config
@@ -217,61 +311,143 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: StateRegistry, r
 
     _record_cache_subclass_sites(graph, values, report)
 
-    rewritten = 0
+    swaps: list[CacheSwap] = []
     grad = torch.is_grad_enabled() and any(getattr(v, "requires_grad", False) for v in example_inputs)
     for (kc, ki, vc, vi), sites in groups.items():
-        if grad:  # the oscar ops have no backward; leave the graph as it is (not pinned: may differ next time)
-            for s in sites:
-                report.add_skipped(s.name, "autograd is enabled: OScaR ops are inference-only (use torch.no_grad())")
-            continue
+        held = is_oscar_cache(values.get(kc)) or is_oscar_cache(values.get(vc)) or registry.replaced(values.get(kc))
         why = _check_group(sites, registry, values)
-        if why and registry.lookup(values.get(kc), ki) is not None:
-            # its OScaR state holds the tokens now: the full-precision cache is stale (or freed)
+        if grad:  # the oscar ops have no backward; leave the graph as it is (not pinned: may differ next time)
+            why = "autograd is enabled: OScaR ops are inference-only (use torch.no_grad())"
+        if why and held:
             raise RuntimeError(
-                f"oscar_compile: cache {'/'.join(sites[0].cache_attrs)} was replaced by OScaR state in an earlier "
-                f"graph, but this graph cannot rewrite it: {why}"
+                f"oscar_compile: cache {'/'.join(sites[0].cache_attrs)} is held as OScaR state, but this graph "
+                f"cannot rewrite it: {why}"
             )
         if why:
             for s in sites:
                 report.add_skipped(s.name, why)
             counters["oscar"]["sites_skipped"] += len(sites)
-            registry.mark_untouched(values.get(kc), why, ki)
-            registry.mark_untouched(values.get(vc), why, vi)
+            if not grad:
+                registry.mark_untouched(values.get(kc), why, ki)
+                registry.mark_untouched(values.get(vc), why, vi)
             continue
-        state = registry.get_or_create(values[kc], values[vc], "/".join(sites[0].cache_attrs), ki, vi)
-        _rewrite_group(gm, sites, state, cfg)
-        report.add_cache(state.name, state.bf16_bytes, state.oscar_bytes)
+        name = "/".join(sites[0].cache_attrs)
+        if is_oscar_cache(values[kc]):  # a later graph: the halves are the module's own attributes
+            k_half, v_half = values[kc], values[vc]
+            if not (isinstance(k_half, OScaRKeyCache) and isinstance(v_half, OScaRValueCache)):
+                raise RuntimeError(f"oscar_compile: cache {name} pairs {type(k_half).__name__} with {type(v_half).__name__}")
+            k_node, v_node = kc, vc
+            bf16 = 2 * k_half.numel() * k_half.element_size()
+        else:  # the first graph: allocate the halves, read them from the GraphModule, swap them in after the run
+            state = registry.replaced(values[kc])
+            if state is None:
+                k_swap, v_swap = (_owner_swap(n, h) for n, h in ((kc, None), (vc, None)))
+                reason = next((s for s in (k_swap, v_swap) if isinstance(s, str)), None)
+                if reason is None and (ki is not None or vi is not None):
+                    reason = "a layer of a stacked [L, B, H, S, D] cache buffer (OScaR state replaces whole per-layer caches)"
+                if reason is not None:
+                    for s in sites:
+                        report.add_skipped(s.name, reason)
+                    registry.mark_untouched(values[kc], reason, ki)
+                    registry.mark_untouched(values[vc], reason, vi)
+                    continue
+                state = registry.replace(values[kc], values[vc], name)
+                k_swap.half, v_swap.half = state.keys, state.values
+                swaps += [k_swap, v_swap]
+            k_half, v_half, bf16 = state.keys, state.values, state.bf16_bytes
+            k_node, v_node = _get_attrs(gm, sites, registry, state)
+        _rewrite_group(graph, sites, k_node, v_node)
+        report.add_cache(name, bf16, layer_nbytes(k_half, v_half))
         for s in sites:
             report.add_rewritten(
-                SiteRecord(s.name, s.kind, state.name, s.heads, s.kv_heads, s.head_dim, s.mask_kind, s.write_op)
+                SiteRecord(s.name, s.kind, name, s.heads, s.kv_heads, s.head_dim, s.mask_kind, s.write_op)
             )
-        rewritten += len(sites)
         counters["oscar"]["sites_rewritten"] += len(sites)
 
-    # what is left of a replaced cache must not touch a replaced layer (its full-precision copy is stale or
-    # freed); other layers of a stacked buffer left in place are pinned, so the buffer is never freed
-    for ph in placeholders:
-        tensor = values.get(ph)
-        if not isinstance(tensor, torch.Tensor) or not ph.users or not registry.states_of(tensor):
-            continue
-        for user in ph.users:
-            j = layer_index(user) if user.args and user.args[0] is ph else None
-            if j is None and op_name(user) == "setitem":
-                idx = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
-                j = idx[0] % tensor.shape[0] if isinstance(idx[0], int) and not isinstance(idx[0], bool) else None
-            if j is not None and registry.lookup(tensor, j) is None and not registry.is_freed(tensor):
-                registry.mark_untouched(tensor, f"layer {j} is used by {user.name} outside a rewritten site", j)
-                continue
-            reasons = "; ".join(r for n, r in report.skipped) or "no matching attention"
-            raise RuntimeError(
-                f"oscar_compile: cache {registry.states_of(tensor)[0].name} is held as OScaR state, but this graph "
-                f"also uses it in a way the pass cannot rewrite ({user.name}: {op_name(user)}): {reasons}"
-            )
+    _check_leftover_uses(placeholders, values, registry, report)
     graph.lint()
     gm.recompile()
-    for op, n in Counter(op_name(n) for n in graph.nodes if _is_oscar(n)).items():
-        report.op_counts[op] += n
-    return rewritten
+    for n in graph.nodes:
+        if _is_oscar(n):
+            report.op_counts[op_name(n)] += 1
+        elif n.op == "call_function" and n.target is cache_step:
+            report.op_counts["cache_step"] += 1
+    return swaps
+
+
+def _get_attrs(gm: fx.GraphModule, sites: list[Site], registry: CacheRegistry, state: ReplacedCache):
+    """``get_attr`` nodes reading the halves registered on ``gm`` (AOT lifts them as graph inputs)."""
+    graph = gm.graph
+    first = min(sites, key=lambda s: list(graph.nodes).index(s.out))
+    nodes = []
+    for role, half in (("keys", state.keys), ("values", state.values)):
+        attr = next((n for n, b in gm.named_buffers() if b is half), None)
+        if attr is None:
+            attr = f"_oscar_cache{registry.count}_{role}_{len(list(gm.buffers()))}"
+            gm.register_buffer(attr, half)
+            sources = getattr(gm, "_param_name_to_source", None)  # AOT wants a Dynamo source for each input
+            if sources is not None:
+                sources[attr] = ConstantSource(attr)
+        with graph.inserting_before(first.out):
+            nodes.append(graph.get_attr(attr))
+    return nodes
+
+
+def _rewrite_group(graph: fx.Graph, sites: list[Site], k_node: fx.Node, v_node: fx.Node) -> None:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    sites = sorted(sites, key=lambda s: order[s.out])
+    kw, vw = sites[0].key_write, sites[0].value_write
+    from_zero = any(s.mask_kind == "causal" for s in sites)
+    for i, s in enumerate(sites):
+        with graph.inserting_before(s.out):
+            att = graph.call_function(
+                cache_step,
+                (s.query, k_node, v_node, kw.new, vw.new, kw.position),
+                dict(scale=s.scale, softcap=s.softcap, first=i == 0, last=i == len(sites) - 1, from_zero=from_zero),
+            )
+            query_dtype = getattr(s.query.meta.get("example_value", s.query.meta.get("val")), "dtype", s.out_dtype)
+            if s.out_dtype is not None and s.out_dtype != query_dtype:
+                att = graph.call_method("to", (att, s.out_dtype))
+        s.out.replace_all_uses_with(att)
+
+    # erase the old attention, its cache reads and the writes (in-place writes have no users left)
+    doomed = set().union(*(s.removable for s in sites)) | {s.out for s in sites}
+    for w in (kw, vw):
+        doomed |= {w.node, *w.extra}
+    for n in reversed(list(graph.nodes)):
+        if n in doomed and not n.users:
+            graph.erase_node(n)
+    remaining = set(graph.nodes)
+    leftover = [n.name for n in doomed if n in remaining]
+    assert not leftover, f"nodes still used after rewrite: {leftover}"
+
+
+def _check_leftover_uses(placeholders, values, registry: CacheRegistry, report: OScaRReport) -> None:
+    """What is left of a replaced cache must not read it: its full-precision copy is stale or gone.
+
+    Halves that reach ``oscar::sdpa`` (transformers' ``OScaRCache`` route) are handled by their own dispatch.
+    """
+    from .cache_trace import trace_cache
+
+    through_sdpa = set()
+    for n in placeholders[0].graph.nodes if placeholders else ():
+        if _is_oscar(n) and op_name(n) == "sdpa":
+            through_sdpa |= {trace_cache(a).source for a in n.args[1:3]}
+    for ph in placeholders:
+        if ph in through_sdpa:
+            continue
+        tensor = values.get(ph)
+        users = [u for u in ph.users if u.target is not cache_step]
+        if not isinstance(tensor, torch.Tensor) or not users:
+            continue
+        if not is_oscar_cache(tensor) and registry.replaced(tensor) is None:
+            continue
+        user = users[0]
+        reasons = "; ".join(r for _, r in report.skipped) or "no matching attention"
+        raise RuntimeError(
+            f"oscar_compile: cache {_input_name(ph, values)} is held as OScaR state, but this graph also uses it "
+            f"in a way the pass cannot rewrite ({user.name}: {op_name(user)}): {reasons}"
+        )
 
 
 def _record_cache_subclass_sites(graph: fx.Graph, values, report: OScaRReport) -> None:
@@ -285,6 +461,13 @@ def _record_cache_subclass_sites(graph: fx.Graph, values, report: OScaRReport) -
     if not nodes:
         return
     from ..kv_tensor import is_oscar_cache, layer_nbytes
+
+    try:
+        from ..hf_cache import layer_accounting
+    except ImportError:  # no transformers: the halves cannot come from an OScaRCache
+
+        def layer_accounting(half):
+            return None
 
     for node in nodes:
         k, v = node.args[1], node.args[2]
@@ -300,8 +483,13 @@ def _record_cache_subclass_sites(graph: fx.Graph, values, report: OScaRReport) -
             SiteRecord(name, "sdpa (OScaRCache)", cache, qs[1] if qs else -1, hkv, d, "attention_mask (left padding)",
                        ",".join(writes) or "none")  # fmt: skip
         )
-        bf16 = 2 * kt.numel() * kt.element_size()
-        report.add_cache(cache, bf16, layer_nbytes(kt, vt))
+        # bytes of what transformers would hold instead (window-sized sliding layers, the length asked for),
+        # counted once per cache layer (its first-step and later halves are distinct graph inputs)
+        accounting = layer_accounting(kt)
+        if accounting is None:  # halves not from an OScaRCache: a static cache of their length (or window)
+            length = max_len if kt.window is None else min(kt.window, max_len)
+            accounting = cache, 2 * b * hkv * length * d * kt.element_size()
+        report.add_cache(accounting[0], accounting[1], layer_nbytes(kt, vt))
 
 
 def _is_oscar(node) -> bool:
@@ -323,16 +511,16 @@ def _mark_reads(node, values, registry, reason):
     for n in (a["key"], a["value"]):
         t = trace_cache(n)
         if isinstance(t.source, fx.Node) and t.source in values:
-            state = registry.lookup(values[t.source], t.index)
-            if state is not None:
+            tensor = values[t.source]
+            if is_oscar_cache(tensor) or registry.replaced(tensor) is not None:
                 raise RuntimeError(
-                    f"oscar_compile: attention {node.name} reads cache {state.name}, which an "
-                    f"earlier graph replaced by OScaR state, but cannot be rewritten here: {reason}"
+                    f"oscar_compile: attention {node.name} reads cache {_input_name(t.source, values)}, which is "
+                    f"held as OScaR state, but cannot be rewritten here: {reason}"
                 )
-            registry.mark_untouched(values[t.source], reason, t.index)
+            registry.mark_untouched(tensor, reason, t.index)
 
 
-def _check_group(sites: list[Site], registry: StateRegistry, values) -> str | None:
+def _check_group(sites: list[Site], registry: CacheRegistry, values) -> str | None:
     """Whole-group preconditions: consistent writes, nothing else reads the cache, not pinned to bf16."""
     first = sites[0]
     for s in sites[1:]:
@@ -341,7 +529,7 @@ def _check_group(sites: list[Site], registry: StateRegistry, values) -> str | No
     for cache, index in ((first.key_cache, first.key_index), (first.value_cache, first.value_index)):
         pinned = registry.untouched_reason(values.get(cache), index)
         if pinned:
-            return f"cache {cache.name} is kept in full precision by an earlier graph ({pinned})"
+            return pinned  # the reason an earlier graph kept it in full precision (one report line per site)
     owned = set().union(*(s.removable for s in sites)) | {s.out for s in sites}
     for w in (first.key_write, first.value_write):
         owned |= {w.node, *w.extra}
@@ -368,70 +556,3 @@ def _other_layer(node, cache, index) -> bool:
         idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         return isinstance(idx[0], int) and not isinstance(idx[0], bool) and idx[0] % shape_of(cache)[0] != index
     return False
-
-
-def _insert_key_decision(graph: fx.Graph, attrs, new_keys: fx.Node, query: fx.Node, fmt: CacheFormat, config):
-    """The "auto" key flags of this step (module docstring), written while the state holds no token."""
-    from ..ops import refresh_key_flags
-
-    t = (shape_of(new_keys) or (None, None, None))[2]
-    if not isinstance(t, int) or t >= fmt.group_size:  # a symbolic T (dynamic prompt lengths) may be either
-        modes = tuple(None if m == "auto" else m for m in (config.rotate_keys, config.token_scaling))
-        chosen = graph.call_function(
-            _ops().choose_key_flags.default, (new_keys, query, None, fmt.bits, fmt.group_size, *modes)
-        )
-        rotated = graph.call_function(operator.getitem, (chosen, 0))
-        scaled = graph.call_function(operator.getitem, (chosen, 1))
-    else:  # fewer keys than a group: the choice is the initial flags, not worth an op
-        rotated, scaled = config.initial_key_flags
-    graph.call_function(refresh_key_flags, (attrs[10], attrs[11], attrs[9], rotated, scaled))
-
-
-def _rewrite_group(gm: fx.GraphModule, sites: list[Site], state: CacheState, config) -> None:
-    graph = gm.graph
-    oscar = _ops()
-    fields = CacheTensors._fields
-    prefix = f"_oscar_cache{state.index}"
-    for f in fields:
-        if not hasattr(gm, f"{prefix}_{f}"):
-            gm.register_buffer(f"{prefix}_{f}", getattr(state.tensors, f))
-            # AOT lifts GraphModule buffers as (static) inputs and wants a Dynamo source for each
-            sources = getattr(gm, "_param_name_to_source", None)
-            if sources is not None:
-                sources[f"{prefix}_{f}"] = ConstantSource(f"{prefix}_{f}")
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    sites = sorted(sites, key=lambda s: order[s.out])
-    kw, vw = sites[0].key_write, sites[0].value_write
-    fmt = state.fmt
-    fmt_args = (fmt.bits, fmt.group_size, fmt.residual_length, fmt.rotate_values)
-    from_zero = any(s.mask_kind == "causal" for s in sites)
-
-    with graph.inserting_before(sites[0].out):
-        attrs = [graph.get_attr(f"{prefix}_{f}") for f in fields]
-        graph.call_function(sync_lengths, (attrs[9], kw.position, from_zero))
-        if config.adaptive_keys:
-            _insert_key_decision(graph, attrs, kw.new, sites[0].query, fmt, config)
-    last = None
-    for s in sites:
-        with graph.inserting_before(s.out):
-            att = graph.call_function(
-                oscar.attention.default,
-                (s.query, *attrs, kw.new, vw.new, None, *fmt_args, s.scale, s.softcap, None),
-            )
-            if s.out_dtype is not None and s.out_dtype != getattr(s.query.meta.get("example_value", s.query.meta.get("val")), "dtype", s.out_dtype):
-                att = graph.call_method("to", (att, s.out_dtype))
-        s.out.replace_all_uses_with(att)
-        last = att
-    with graph.inserting_after(last):
-        graph.call_function(oscar.append_kv.default, (*attrs, kw.new, vw.new, None, *fmt_args))
-
-    # erase the old attention, its cache reads and the writes (in-place writes have no users left)
-    doomed = set().union(*(s.removable for s in sites)) | {s.out for s in sites}
-    for w in (kw, vw):
-        doomed |= {w.node, *w.extra}
-    for n in reversed(list(graph.nodes)):
-        if n in doomed and not n.users:
-            graph.erase_node(n)
-    remaining = set(graph.nodes)
-    leftover = [n.name for n in doomed if n in remaining]
-    assert not leftover, f"nodes still used after rewrite: {leftover}"

@@ -59,11 +59,11 @@ def test_auto_flags_decided_at_each_sequence_start():
     with torch.no_grad():
         outs = [model(x, pos) for x, pos in first]
     assert not counters["graph_break"] and model.oscar_report.rewritten == 2, str(model.oscar_report)
-    states = sorted({id(s): s for s in model._oscar_backend.registry.states.values()}.values(), key=lambda s: s.index)
+    states = [layer.kv_cache.k_cache for layer in model.layers]  # the OScaR key halves in the caches' place
     qk = _prompt_qk(reference, first[0][0])
     for state, (q, k) in zip(states, qk):
         want = choose_key_flags(k, 2, 32, queries=q, rotate="auto", scale=True)
-        assert torch.equal(state.tensors.key_rotated, want[0]) and torch.equal(state.tensors.key_scaled, want[1])
+        assert torch.equal(state.key_rotated, want[0]) and torch.equal(state.key_scaled, want[1])
     queries = {f"layers.{i}.kv_cache.k_cache": q for i, (q, _) in enumerate(qk)}
     pairs = [name.split("/") for name in model.oscar_report.caches]
     ref = oscar_reference(reference, first, pairs, AUTO, queries=queries)
@@ -81,7 +81,7 @@ def test_auto_flags_decided_at_each_sequence_start():
     qk2 = _prompt_qk(reference, second[0][0])
     for state, (q, k) in zip(states, qk2):
         want = choose_key_flags(k, 2, 32, queries=q, rotate="auto", scale=True)
-        assert torch.equal(state.tensors.key_rotated, want[0]) and torch.equal(state.tensors.key_scaled, want[1])
+        assert torch.equal(state.key_rotated, want[0]) and torch.equal(state.key_scaled, want[1])
     queries2 = {f"layers.{i}.kv_cache.k_cache": q for i, (q, _) in enumerate(qk2)}
     ref2 = oscar_reference(reference, second, pairs, AUTO, queries=queries2)
     for i, (o, r) in enumerate(zip(outs2, ref2)):
@@ -102,10 +102,10 @@ def test_auto_flags_with_dynamic_prompt_lengths():
         with torch.no_grad():
             outs = [compiled(x, pos) for x, pos in steps]
         qk = _prompt_qk(ref, steps[0][0])
-        states = sorted({id(s): s for s in backend.registry.states.values()}.values(), key=lambda s: s.index)
-        for state, (q, k) in zip(states, qk):
+        for layer, (q, k) in zip(model.layers, qk):
             want = choose_key_flags(k, 2, 32, queries=q, rotate="auto", scale=True)
-            assert torch.equal(state.tensors.key_rotated, want[0]) and torch.equal(state.tensors.key_scaled, want[1])
+            state = layer.kv_cache.k_cache
+            assert torch.equal(state.key_rotated, want[0]) and torch.equal(state.key_scaled, want[1])
         pairs = [name.split("/") for name in backend.report.caches]
         queries = {f"layers.{i}.kv_cache.k_cache": q for i, (q, _) in enumerate(qk)}
         for o, r in zip(outs, oscar_reference(ref, steps, pairs, AUTO, queries=queries)):

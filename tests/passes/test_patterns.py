@@ -1,13 +1,15 @@
-"""Each pattern of passes/patterns.py through the oscar backend (rewritten graph run as is, no Inductor):
-rewritten ones equal the kernels' reference (cache_attention_ref, then append_kv_ref) step by step;
-reported ones keep their exact outputs."""
+"""Each pattern of tests/passes/patterns.py through the oscar backend (rewritten graph run as is, no
+Inductor), called by a module that owns the caches as buffers (the pass replaces a module's cache): rewritten
+ones equal the kernels' reference (cache_attention_ref, then append_kv_ref) step by step; reported ones keep
+their exact outputs and their full-precision caches."""
 
 import pytest
 import torch
 
 from oscar_compile.kernels import CacheFormat, allocate_cache, append_kv_ref, cache_attention_ref
 from oscar_compile.passes import OScaRBackend
-from oscar_compile.passes.patterns import REPORTED, REWRITTEN
+from oscar_compile.kv_tensor import is_oscar_cache
+from patterns import REPORTED, REWRITTEN
 from pass_helpers import ATOL, CONFIG, RTOL
 
 B, HQ, HKV, D, S = 1, 4, 2, 32, 64
@@ -22,16 +24,33 @@ def steps(seed=0):
     return out
 
 
-def caches():
-    return torch.zeros(B, HKV, S, D), torch.zeros(B, HKV, S, D), torch.tril(torch.ones(S, S, dtype=torch.bool))
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # every pattern runs PatternModule.forward: its compiled entries would pile up to the recompile limit
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class PatternModule(torch.nn.Module):
+    """Holds the caches and the causal mask as buffers; ``forward`` runs one pattern function on them."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.register_buffer("k_cache", torch.zeros(B, HKV, S, D))
+        self.register_buffer("v_cache", torch.zeros(B, HKV, S, D))
+        self.register_buffer("causal", torch.tril(torch.ones(S, S, dtype=torch.bool)))
+
+    def forward(self, q, k, v, pos):
+        return self.fn(q, self.k_cache, self.v_cache, k, v, pos, self.causal)
 
 
 @pytest.mark.parametrize("name", sorted(REWRITTEN))
 def test_pattern_is_rewritten(name):
-    fn = REWRITTEN[name]
+    module = PatternModule(REWRITTEN[name])
     backend = OScaRBackend(CONFIG, inner="eager")
-    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
-    k_cache, v_cache, causal = caches()
+    compiled = torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
     fmt = CacheFormat(CONFIG.bits, CONFIG.group_size, CONFIG.residual_length, CONFIG.rotate_values)
     ref = allocate_cache(B, HKV, S, D, fmt, torch.float32)
     scale = 0.125 if name in ("hf_static_sdpa", "gemma2_eager") else None
@@ -40,25 +59,25 @@ def test_pattern_is_rewritten(name):
         if name == "prefill_is_causal" and i:
             break  # is_causal over the step's own tokens: a prefill-only form
         with torch.no_grad():
-            out = compiled(q, k_cache, v_cache, k, v, pos, causal)
+            out = compiled(q, k, v, pos)
         want = cache_attention_ref(q, ref, fmt, k, v, scale=scale, softcap=softcap)
         append_kv_ref(ref, fmt, k, v)
         torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {i}: {m}")
     assert backend.report.rewritten == 1 and not backend.report.skipped, str(backend.report)
-    assert all("torch.ops.oscar.append_kv" in g.code for g in backend.graphs)
+    assert all("cache_step" in g.code for g in backend.graphs)
+    assert is_oscar_cache(module.k_cache) and is_oscar_cache(module.v_cache)
 
 
 @pytest.mark.parametrize("name", sorted(REPORTED))
 def test_pattern_is_reported(name):
     fn, reason = REPORTED[name]
+    module, plain = PatternModule(fn), PatternModule(fn)
     backend = OScaRBackend(CONFIG, inner="eager")
-    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
-    k_cache, v_cache, causal = caches()
-    k2, v2, _ = caches()
+    compiled = torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
     for q, k, v, pos in steps()[:2]:
         with torch.no_grad():
-            out = compiled(q, k_cache, v_cache, k, v, pos, causal)
-            assert torch.equal(out, fn(q, k2, v2, k, v, pos, causal))
+            out = compiled(q, k, v, pos)
+            assert torch.equal(out, plain(q, k, v, pos))
     assert backend.report.rewritten == 0 and backend.report.skipped, str(backend.report)
     assert all(reason in r for _, r in backend.report.skipped), str(backend.report)
-    assert torch.equal(k_cache, k2) and k_cache.untyped_storage().nbytes() > 0
+    assert type(module.k_cache) is torch.Tensor and torch.equal(module.k_cache, plain.k_cache)

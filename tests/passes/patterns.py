@@ -1,6 +1,6 @@
 """Attention-with-KV-cache as people write it: plain torch functions, each noted with where it was seen.
 
-The matcher in :mod:`.sites` is structural (it follows the graph rather than comparing against these), so
+The matcher in ``oscar_compile.passes.sites`` is structural (it follows the graph rather than comparing against these), so
 these functions are its specification and its test corpus: ``tests/passes/test_patterns.py`` traces each
 with Dynamo and checks that the pass rewrites it (``REWRITTEN``, outputs equal to the kernels' reference
 ``cache_attention_ref`` + ``append_kv_ref``) or reports it with the expected reason (``REPORTED``).
