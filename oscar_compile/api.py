@@ -2,8 +2,10 @@
 
 What it does:
 
-1. Hugging Face models: if the cache integration is available (``oscar_compile.hf_cache``), its hook makes
-   the model use ``OScaRCache`` by default, so ``generate()`` writes into OScaR state from the start.
+1. Hugging Face models: ``oscar_compile.hf_cache.use_oscar_cache`` makes the model use ``OScaRCache`` by
+   default, so ``generate()`` writes into OScaR state from the start; a model that cannot take one
+   (``hf_unsupported_reason``: encoder-decoder, attention outside transformers' interface, ALiBi, ...)
+   keeps transformers' caches and the report says why.
 2. Compiles the model in place (like ``nn.Module.compile``: the same object is returned, so
    ``generate()`` and every attribute keep working) with the :class:`~oscar_compile.passes.OScaRBackend`:
    at each traced graph it discovers attention-with-KV-cache sites, puts OScaR state (the cache tensor
@@ -26,8 +28,6 @@ Documented outcomes:
 
 from __future__ import annotations
 
-import copy
-import importlib
 import warnings
 
 import torch
@@ -38,19 +38,6 @@ from .passes import OScaRBackend, OScaRReport
 __all__ = ["compile"]
 
 _COMPILE_KEYS = {"fullgraph", "dynamic", "mode", "options", "disable"}
-
-
-def _hf_hook():
-    """The transformers integration's hook, or None while it is not available."""
-    try:
-        module = importlib.import_module("oscar_compile.hf_cache")
-    except ImportError:
-        return None
-    for name in ("use_oscar_cache", "enable_oscar_cache", "install", "patch_model"):
-        hook = getattr(module, name, None)
-        if callable(hook):
-            return hook
-    return None
 
 
 def _is_hf_model(model) -> bool:
@@ -96,9 +83,13 @@ def compile(model: torch.nn.Module, config: OScaRConfig | None = None, **torch_c
     backend = OScaRBackend(config, report=OScaRReport(config), inductor_options=options)
 
     if _is_hf_model(model):
-        hook = _hf_hook()
-        if hook is not None:
-            hook(model, config)
+        from .hf_cache import hf_unsupported_reason, use_oscar_cache
+
+        reason = hf_unsupported_reason(model, config)
+        if reason is None:
+            use_oscar_cache(model, config)
+        else:  # the model keeps transformers' caches; the graph pass still sees (and reports) its attention
+            backend.report.add_skipped(f"{type(model).__name__} (OScaRCache)", reason)
 
     model._oscar_compiled = CompiledCall(model, backend, torch_compile_kwargs)
     model.oscar_report = backend.report
