@@ -53,6 +53,10 @@ Any other op falls back to an exact dequantize of the logical tensor (stored tok
 logical positions, zeros elsewhere) with a one-time warning naming the op. It raises
 ``NotImplementedError`` while a step's tokens are pending (the model attends some other way, e.g. eager
 matmul attention, and the tokens would never be stored), and for in-place ops other than the writes.
+Dtype conversions (``k.to(torch.bfloat16)``, ``k.half()``, ``k.float()``) take that route and return a plain
+tensor of the asked dtype; a device move alone (``k.to("cuda")``) moves the state and stays a cache.
+``k[:, :, i]`` (an int on the token dim) is a one-token view: reads dequantize, and ``k[:, :, i] = x``
+writes like ``k[:, :, i:i + 1] = x[:, :, None]``.
 
 Fields (``G`` group size, ``R`` residual length, ``M`` max_len, a multiple of ``R``):
 
@@ -85,9 +89,13 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torchao.utils import TorchAOBaseTensor
 
-from . import ops
+from .quiet_import import quiet_torchao_import
+
+with quiet_torchao_import():
+    from torchao.utils import TorchAOBaseTensor
+
+from . import ops  # noqa: E402  (after torchao's quiet import)
 from .config import OScaRConfig
 from .kernels.cache_layout import CacheFormat, CacheTensors, allocate_cache
 from .kernels.quantization import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values
@@ -151,8 +159,12 @@ def clear_pending(half: "_OScaRHalf") -> None:
 # the subclasses
 
 # key_decision: None, or the config's (rotate_keys, token_scaling) while this instance decides the "auto" flags;
-# stored_empty: the holder promises the layer stores no token when this instance is attended (first step)
-_ATTRS = ["bits", "group_size", "residual_length", "rotate_values", "window", "key_decision", "stored_empty", "view"]
+# stored_empty: the holder promises the layer stores no token when this instance is attended (first step);
+# seq_len: logical positions of the root view (<= the capacity, which is whole residual blocks)
+_ATTRS = [
+    "bits", "group_size", "residual_length", "rotate_values", "window", "key_decision", "stored_empty", "seq_len",
+    "view",
+]  # fmt: skip
 
 
 class _OScaRHalf(TorchAOBaseTensor):
@@ -185,6 +197,12 @@ class _OScaRHalf(TorchAOBaseTensor):
     # -- helpers -------------------------------------------------------------------------------------
     @property
     def max_len(self) -> int:
+        """Logical positions of the root view (``seq_len``); the state holds ``capacity >= max_len`` slots."""
+        return self.seq_len
+
+    @property
+    def capacity(self) -> int:
+        """Token slots of the state: ``max_len`` rounded up to whole residual blocks."""
         return self._max_len()
 
     @property
@@ -193,7 +211,7 @@ class _OScaRHalf(TorchAOBaseTensor):
 
     @property
     def is_root(self) -> bool:
-        return self.view == KVView(1, False, 0, self._max_len())
+        return self.view == KVView(1, False, 0, self.seq_len)
 
     def _with_view(self, view: KVView, **changes):
         tensors = [getattr(self, n) for n in self.tensor_data_names]
@@ -232,7 +250,7 @@ class _OScaRHalf(TorchAOBaseTensor):
         if self.view.squeeze:  # k[:, :, i]: the one-token slice without its token dim
             return self._with_view(self.view._replace(squeeze=False)).dequantize(dtype).squeeze(-2)
         dtype = dtype or self.dtype
-        m, r = self._max_len(), self.residual_length
+        m, cap, r = self.seq_len, self._max_len(), self.residual_length
         residual = getattr(self, self._residual_name)
         b, hkv, _, d = residual.shape
         lengths = self.lengths.to(torch.int64)[:, None]
@@ -240,7 +258,7 @@ class _OScaRHalf(TorchAOBaseTensor):
         slot = torch.arange(m, device=residual.device)[None, :] - self.offsets.to(torch.int64)[:, None]  # [B, M]
         in_quant = (slot >= 0) & (slot < n_quant)
         in_res = (slot >= n_quant) & (slot < lengths)
-        idx_q = slot.clamp(0, m - 1)[:, None, :, None].expand(b, hkv, m, d)
+        idx_q = slot.clamp(0, cap - 1)[:, None, :, None].expand(b, hkv, m, d)
         idx_r = (slot - n_quant).clamp(0, r - 1)[:, None, :, None].expand(b, hkv, m, d)
         quant = self._stored_slots().gather(2, idx_q)
         res = residual.to(torch.float32).gather(2, idx_r)
@@ -337,21 +355,27 @@ def new_kv_cache(
     dtype: torch.dtype,
     device=None,
     window: Optional[int] = None,
+    *,
+    exact_len: bool = False,
 ) -> tuple[OScaRKeyCache, OScaRValueCache]:
     """Allocate one layer's empty cache as ``(keys, values)`` halves.
 
-    ``max_len`` is rounded up to a multiple of ``config.residual_length``; ``window``: sliding-window
-    size of the layer (None for full attention). Key flags start at ``config.initial_key_flags``; with
-    "auto" the halves decide them at their first attended step (module docstring).
+    The state holds ``max_len`` rounded up to a multiple of ``config.residual_length`` token slots; the
+    halves' logical length (``shape[2]``) is that rounded length, or ``max_len`` itself with
+    ``exact_len=True`` (a stand-in for a ``[B, Hkv, max_len, D]`` buffer the model indexes by position).
+    ``window``: sliding-window size of the layer (None for full attention). Key flags start at
+    ``config.initial_key_flags``; with "auto" the halves decide them at their first attended step (module
+    docstring).
     """
     r = config.residual_length
     m = -(-max_len // r) * r
+    length = max_len if exact_len else m
     fmt = CacheFormat(config.bits, config.group_size, r, config.rotate_values)
     rotate0, scale0 = config.initial_key_flags  # "auto": what choose_key_flags gives before it sees a group
     c = allocate_cache(batch, kv_heads, m, head_dim, fmt, dtype, device, rotate0, scale0)
     offsets = torch.zeros(batch, dtype=torch.int32, device=device)
     decision = (config.rotate_keys, config.token_scaling) if config.adaptive_keys else None
-    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, decision, False, KVView(1, False, 0, m)]
+    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, decision, False, length, KVView(1, False, 0, length)]
     keys = OScaRKeyCache(
         c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.residual_keys, c.key_rotated, c.key_scaled,
         c.lengths, offsets, *attrs,
@@ -421,8 +445,12 @@ def _fallback(func, args, kwargs):
             f"OScaR cache: in-place op {name} is not supported on the quantized cache "
             f"(writes are index_copy_, index_put_ and slice assignment; arg types {[type(a).__name__ for a in args]})"
         )
-    pending = [x for x in list(args) + list(kwargs.values()) if isinstance(x, _HALVES) and _peek(x) is not None]
-    if pending:
+    halves = [x for x in list(args) + list(kwargs.values()) if isinstance(x, _HALVES)]
+    # Dynamo's shape propagation (plain fake inner tensors, no functionalization): the graph pass replaces
+    # these reads (or refuses the graph), so they only need shapes here; eager calls and AOT traces check
+    shapes_only = any(type(getattr(x, x._residual_name)) is torch._subclasses.FakeTensor for x in halves)
+    pending = [x for x in halves if _peek(x) is not None]
+    if pending and not shapes_only:
         # the model reads the cache some other way than attention (e.g. eager matmul attention): the step's
         # tokens would never be attended+appended, so later steps would silently miss them
         raise NotImplementedError(
@@ -430,7 +458,7 @@ def _fallback(func, args, kwargs):
             "yet attended). Attention over an OScaR cache must go through F.scaled_dot_product_attention or "
             "attn_implementation='oscar' (oscar_compile.hf_cache.use_oscar_attention)."
         )
-    if name not in _warned:
+    if name not in _warned and not shapes_only:
         _warned.add(name)
         warnings.warn(
             f"OScaR cache: {name} is not an OScaR op; falling back to an exact dequantize of the cache "
@@ -490,6 +518,8 @@ def _(func, types, args, kwargs):
         raise NotImplementedError(
             "OScaR cache: index_put_ is supported only as cache[:, :, positions] = new (positions a 1-D int tensor)"
         )
+    if 0 < values.dim() < 4:  # Python's setitem strips the value's leading size-1 dims (batch 1)
+        values = values.reshape((1,) * (4 - values.dim()) + tuple(values.shape))
     _check_write_target(self, values, "index_put_")
     _record(self, values, _positions(indices[2], values))
     return self
@@ -512,7 +542,7 @@ def _(func, types, args, kwargs):
     _check_write_target(self, src, "slice assignment")
     if src.shape[2] != v.stop - v.start:
         raise ValueError(f"OScaR cache: slice assignment of {src.shape[2]} tokens into [{v.start}, {v.stop})")
-    root = self._with_view(KVView(1, False, 0, self._max_len()))
+    root = self._with_view(KVView(1, False, 0, self.seq_len))
     _record(root, src, torch.arange(v.start, v.stop, device=src.device))
     return self
 
