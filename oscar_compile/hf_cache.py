@@ -7,7 +7,8 @@ Use::
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 
 or :func:`use_oscar_cache` (the hook ``oscar.compile`` calls), which does both and makes ``generate``
-build an ``OScaRCache`` by default.
+use an ``OScaRCache`` wherever transformers would build its default cache. :func:`hf_unsupported_reason` says
+why a model cannot take an ``OScaRCache`` at all (then ``use_oscar_cache`` leaves it untouched).
 
 Each attention layer holds an :class:`~oscar_compile.kv_tensor.OScaRKeyCache` /
 :class:`~oscar_compile.kv_tensor.OScaRValueCache` pair in place of the bf16 ``keys``/``values`` (see that
@@ -33,6 +34,10 @@ module for the write-then-attend mapping). ``update`` records the step's tokens 
   most one extra graph (the deciding prefill), no sync, no per-step recompile. A batch shares one decision.
 * ``reorder_cache`` (beam search), ``reset``, ``crop`` (within the residual window only), memory
   accounting (:meth:`OScaRCache.nbytes`, :meth:`OScaRCache.bf16_nbytes`, :meth:`OScaRCache.memory_report`).
+* **Static shapes under torch.compile**: the halves and their inner tensors are marked static
+  (``torch._dynamo.mark_static``), so a cache of another length or batch is a new graph, never a symbolic
+  dimension (the subclass's wrapper shape must be concrete ints; automatic dynamic shapes made the second
+  length fail to trace).
 
 transformers 5.17 passes ``cache_kwargs`` (with ``cache_position``) to ``update`` and calls the model
 with ``past_key_values=``; 5.24 passes no positions and names it ``cache=`` (``past_key_values=`` still
@@ -43,20 +48,30 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
+import warnings
+import weakref
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from . import ops
 from .config import OScaRConfig
+from .kernels.attention_ref import masked_softmax
 from .kv_tensor import OScaRKeyCache, clear_pending, is_oscar_cache, layer_nbytes, new_kv_cache
 
 __all__ = [
     "OScaRCache",
+    "OScaRGenerate",
     "OScaRLayer",
+    "hf_unsupported_reason",
     "oscar_attention_forward",
     "register_oscar_attention",
+    "layer_accounting",
     "use_oscar_attention",
     "use_oscar_cache",
     "cache_kwarg_name",
@@ -69,20 +84,67 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _check_length(name: str, value, owner: str) -> int:
+    """``value`` as a positive int, or an error naming ``name`` and what is accepted."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be a positive int (cache positions per sequence), got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive int (cache positions per sequence), got {value!r}")
+    return int(value)
+
+
+def _check_oscar_config(oscar_config, owner: str) -> OScaRConfig:
+    if oscar_config is None:
+        return OScaRConfig()
+    if not isinstance(oscar_config, OScaRConfig):
+        hint = " (build one with OScaRConfig(**settings))" if isinstance(oscar_config, Mapping) else ""
+        raise TypeError(f"{owner}: oscar_config must be an OScaRConfig or None, got {type(oscar_config).__name__}{hint}")
+    return oscar_config
+
+
+# OScaRLayer owning each cache half it hands out (weak both ways), for the compile report's byte counts
+_LAYER_OF = WeakIdKeyDictionary()
+
+
+def layer_accounting(half) -> Optional[tuple[str, int]]:
+    """``(label, static_bytes)`` of the :class:`OScaRLayer` that owns ``half`` (an OScaR key or value half,
+    e.g. a compiled graph's input), or None if no layer owns it.
+
+    ``label`` is the same for every half the layer hands out (its first-step and later halves are distinct
+    graph inputs); ``static_bytes`` is :meth:`OScaRLayer.bf16_nbytes`, what transformers' static layer would
+    hold in its place (window-sized for sliding layers, the length asked for rather than the capacity).
+    """
+    ref = _LAYER_OF.get(half)
+    layer = ref() if ref is not None else None
+    if layer is None or not layer.is_initialized:
+        return None
+    return f"OScaRCache.layers[{layer.index}]", layer.bf16_nbytes()
+
+
 class OScaRLayer(CacheLayerMixin):
-    """One attention layer's OScaR cache (static, compileable)."""
+    """One attention layer's OScaR cache (static, compileable).
+
+    Args:
+        max_cache_len: positions per sequence asked for (what transformers' static layer would hold).
+        config: quantization settings.
+        window: sliding-window size of the layer, None for full attention.
+        capacity: positions allocated, at least ``max_cache_len`` (default ``max_cache_len``); rounded up to
+            whole ``config.residual_length`` blocks.
+    """
 
     is_compileable = True
     is_croppable = True
 
-    def __init__(self, max_cache_len: int, config: OScaRConfig, window: Optional[int] = None, **kwargs):
+    def __init__(self, max_cache_len: int, config: OScaRConfig, window: Optional[int] = None, capacity: Optional[int] = None):
         super().__init__()
         self.requested_len = max_cache_len  # what a transformers StaticLayer would hold
         r = config.residual_length
-        self.max_cache_len = -(-max_cache_len // r) * r  # capacity: rounded up to whole residual blocks
+        capacity = max_cache_len if capacity is None else max(capacity, max_cache_len)
+        self.max_cache_len = -(-capacity // r) * r  # capacity: rounded up to whole residual blocks
         self.config = config
         self.window = window
         self.is_sliding = window is not None
+        self.index: Optional[int] = None  # position in its OScaRCache (set by the cache)
         # positions seen (left pads included), device tensor like StaticLayer so compiled code reads no int
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
         self.host_length = 0  # the same count on the host, for the overflow check
@@ -107,17 +169,30 @@ class OScaRLayer(CacheLayerMixin):
         self._deciding = (self.keys.with_stored_empty(True), self.values.with_stored_empty(True))
         self.keys, self.values = self.keys.with_key_decision(None), self.values.with_key_decision(None)
         self.cumulative_length = self.cumulative_length.to(self.device)
+        halves = (self.keys, self.values, *self._deciding)
         if not _is_compiling():  # static addresses: CUDA graphs capture the state in place, no input copies
-            # AOTAutograd takes a subclass input's static-ness for all its inner tensors: mark the halves
-            for half in (self.keys, self.values, *self._deciding):
-                torch._dynamo.mark_static_address(half)
-                for name in half.tensor_data_names:
-                    torch._dynamo.mark_static_address(getattr(half, name))
+            # AOTAutograd takes a subclass input's static-ness for all its inner tensors: mark the halves.
+            # Static shapes too: a second cache length would otherwise become a symbolic dim, which the
+            # subclass's wrapper shape cannot hold (module docstring)
+            for half in halves:
+                for t in (half, *(getattr(half, name) for name in half.tensor_data_names)):
+                    torch._dynamo.mark_static_address(t)
+                    torch._dynamo.mark_static(t)
             torch._dynamo.mark_static_address(self.cumulative_length)
+            for half in halves:
+                _LAYER_OF[half] = weakref.ref(self)
         self.is_initialized = True
 
+    def _fits(self, key_states: torch.Tensor) -> bool:
+        """Whether the allocated state has this step's batch, kv heads, head_dim, dtype and device."""
+        b, h, _, d = key_states.shape
+        return (b, h, d, key_states.dtype, key_states.device) == (
+            self.batch_size, self.num_heads, self.head_dim, self.dtype, self.device
+        )
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
+        # an empty layer (new, or reset and reused by generate) allocates for the step it first sees
+        if not self.is_initialized or (self.first_step and not self._fits(key_states)):
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[-2]
         if _is_compiling():
@@ -237,6 +312,10 @@ def _layer_types(config) -> tuple[list[str], list[dict]]:
         return list(types), kwargs
 
 
+def _head_dim(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
 def _static_layer_class(kind: str):
     """transformers' own static layer class for a layer type we do not quantize."""
     try:
@@ -263,6 +342,9 @@ class OScaRCache(Cache):
         oscar_config: quantization settings (default :class:`OScaRConfig`).
         quantize_sliding: quantize sliding-window layers (True) or keep them in transformers'
             bf16 ``StaticSlidingWindowLayer`` (False; reported in :attr:`kept_layers`).
+        capacity: positions to allocate, at least ``max_cache_len`` (default: ``max_cache_len``); lets
+            ``generate`` reuse one cache for calls of different lengths (:class:`OScaRGenerate`).
+            Memory accounting still compares with a static cache of ``max_cache_len``.
     """
 
     def __init__(
@@ -272,32 +354,74 @@ class OScaRCache(Cache):
         oscar_config: Optional[OScaRConfig] = None,
         *,
         quantize_sliding: bool = True,
-        **kwargs,
+        capacity: Optional[int] = None,
     ):
-        self.oscar_config = oscar_config or OScaRConfig()
+        max_cache_len = _check_length("max_cache_len", max_cache_len, "OScaRCache")
+        self.oscar_config = _check_oscar_config(oscar_config, "OScaRCache")
+        if not isinstance(quantize_sliding, bool):
+            raise TypeError(f"OScaRCache: quantize_sliding must be a bool, got {quantize_sliding!r}")
+        capacity = max_cache_len if capacity is None else _check_length("capacity", capacity, "OScaRCache")
+        if capacity < max_cache_len:
+            raise ValueError(f"OScaRCache: capacity {capacity} is smaller than max_cache_len {max_cache_len}")
+        if not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
+            raise TypeError(f"OScaRCache: config must be the model's transformers PretrainedConfig, got {type(config).__name__}")
         self._max_cache_len = max_cache_len  # (transformers 5.17's Cache has a read-only max_cache_len)
+        self._capacity = capacity
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layer_types, layer_kwargs = _layer_types(text_config)
         layers, self.kept_layers = [], {}
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        head_dim = _head_dim(text_config)
         quantizable = head_dim % self.oscar_config.group_size == 0  # the layout needs whole channel groups
         for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
             if not quantizable and kind in ("full_attention", "sliding_attention"):
-                layers.append(_static_layer_class(kind)(max_cache_len=max_cache_len, **kw))
+                layers.append(_static_layer_class(kind)(max_cache_len=capacity, **kw))
                 self.kept_layers[i] = f"{kind} (head_dim {head_dim} not a multiple of group_size {self.oscar_config.group_size})"
             elif kind == "full_attention":
-                layers.append(OScaRLayer(max_cache_len, self.oscar_config))
+                layers.append(OScaRLayer(max_cache_len, self.oscar_config, capacity=capacity))
             elif kind == "sliding_attention" and quantize_sliding:
-                layers.append(OScaRLayer(max_cache_len, self.oscar_config, window=kw["sliding_window"]))
+                layers.append(OScaRLayer(max_cache_len, self.oscar_config, window=kw["sliding_window"], capacity=capacity))
             else:
-                layers.append(_static_layer_class(kind)(max_cache_len=max_cache_len, **kw))
+                layers.append(_static_layer_class(kind)(max_cache_len=capacity, **kw))
                 self.kept_layers[i] = kind
+            if isinstance(layers[-1], OScaRLayer):
+                layers[-1].index = i
         super().__init__(layers=layers)
 
     @property
     def max_cache_len(self) -> int:
         """Positions per sequence asked for (OScaR layers hold it rounded up to whole residual blocks)."""
         return self._max_cache_len
+
+    @property
+    def capacity(self) -> int:
+        """Positions per sequence allocated (before rounding up to whole residual blocks)."""
+        return self._capacity
+
+    def early_initialization(self, batch_size: int, num_heads, head_dim, dtype: torch.dtype, device) -> None:
+        """Allocate every layer now (transformers' ``Cache.early_initialization``, same arguments; ints or
+        per-layer lists). An empty OScaR layer (new or reset) holding another shape reallocates. Allocating
+        before a compiled forward keeps the state a graph input (marked static) instead of a graph output."""
+        n = len(self.layers)
+        heads = [num_heads] * n if isinstance(num_heads, int) else list(num_heads)
+        dims = [head_dim] * n if isinstance(head_dim, int) else list(head_dim)
+        if len(heads) != n or len(dims) != n:
+            raise ValueError(f"early_initialization: num_heads/head_dim lists must have one entry per layer ({n})")
+        for layer, h, d in zip(self.layers, heads, dims):
+            probe = torch.empty((batch_size, h, 0, d), dtype=dtype, device=device)  # shape, dtype, device only
+            if isinstance(layer, OScaRLayer):
+                if not layer.is_initialized or (layer.first_step and not layer._fits(probe)):
+                    layer.lazy_initialization(probe, probe)
+            elif not layer.is_initialized:
+                layer.lazy_initialization(probe, probe)
+
+    def _reserve(self, max_cache_len: int) -> None:
+        """A reused cache: accounting follows the largest length asked for so far, as transformers' own
+        reuse of static caches across ``generate`` calls does (``_prepare_static_cache``)."""
+        if max_cache_len > self._capacity:
+            raise ValueError(f"OScaRCache: {max_cache_len} positions exceed the capacity {self._capacity}")
+        self._max_cache_len = max(self._max_cache_len, max_cache_len)
+        for layer in self.oscar_layers:
+            layer.requested_len = max(layer.requested_len, max_cache_len)
 
     @property
     def oscar_layers(self) -> list[OScaRLayer]:
@@ -350,9 +474,19 @@ def oscar_attention_forward(
     softcap: Optional[float] = None,
     **kwargs,
 ):
-    """transformers attention function: OScaR cache halves go to ``oscar::sdpa``; plain tensors too (softcap)
-    or to transformers' SDPA. query ``[B, Hq, T, D]`` -> ``([B, T, Hq, D], None)``."""
+    """transformers attention function. query ``[B, Hq, T, D]``, key/value ``[B, Hkv, S, D]`` -> ``([B, T, Hq, D], None)``.
+
+    OScaR cache halves go to ``oscar::sdpa`` (inference only: attention dropout raises). Plain tensors (no
+    cache, or a layer kept in transformers' form): transformers' SDPA; with a tanh softcap, ``oscar::sdpa``,
+    or :func:`_softcap_attention` (differentiable, applies dropout) when training or when gradients flow.
+    """
     if is_oscar_cache(key):
+        if dropout:
+            raise NotImplementedError(
+                f"layer {getattr(module, 'layer_idx', '?')}: attention dropout {dropout} (the module is in train()) "
+                "over an OScaR cache; the OScaR cache is inference-only: call model.eval(), or run without a cache "
+                "(use_cache=False)"
+            )
         if sliding_window is not None and key.window != sliding_window:
             raise ValueError(
                 f"layer {getattr(module, 'layer_idx', '?')} attends with sliding_window={sliding_window} but its "
@@ -365,8 +499,33 @@ def oscar_attention_forward(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     causal = attention_mask is None and query.shape[2] > 1
-    out = ops.sdpa(query, key, value, attention_mask, scale=scaling, softcap=softcap, is_causal=causal)
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if dropout or grads:  # oscar::sdpa has no backward and no dropout
+        training = module.training if isinstance(module, torch.nn.Module) else True
+        out = _softcap_attention(query, key, value, attention_mask, scaling, softcap, causal, dropout if training else 0.0)
+    else:
+        out = ops.sdpa(query, key, value, attention_mask, scale=scaling, softcap=softcap, is_causal=causal)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _softcap_attention(query, key, value, attention_mask, scale, softcap, is_causal, dropout):
+    """Attention with a tanh score softcap and dropout on the probabilities, in plain differentiable torch.
+
+    query ``[B, Hq, T, D]``, key/value ``[B, Hkv, S, D]`` (``Hq`` a multiple of ``Hkv``), attention_mask bool
+    (True = attend) or additive, broadcastable to ``[B, Hq, T, S]`` -> ``[B, Hq, T, D]`` in query's dtype.
+    Same rule as ``oscar::sdpa`` (softmax in fp32; a row that may attend to nothing gives zeros).
+    """
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:  # top-left aligned, as F.scaled_dot_product_attention
+        t, s = scores.shape[-2:]
+        scores = scores.masked_fill(~torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(), float("-inf"))
+    probs = masked_softmax(scores, attention_mask).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, value)
 
 
 @functools.lru_cache(maxsize=None)
@@ -396,32 +555,243 @@ def cache_kwarg_name(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def use_oscar_cache(model, oscar_config: Optional[OScaRConfig] = None, max_cache_len: Optional[int] = None, **cache_kwargs):
-    """Make ``model`` attend through OScaR and ``model.generate`` use a fresh :class:`OScaRCache` by default.
+# ----------------------------------------------------------------------------------------------------
+# which models can take an OScaRCache, and generate() with one
 
-    ``max_cache_len`` None: sized per call as prompt length + ``max_new_tokens`` (or ``max_length``).
-    A cache passed explicitly (``past_key_values=`` / ``cache=``) is used as is. Returns the model.
+
+def hf_unsupported_reason(model, oscar_config: Optional[OScaRConfig] = None) -> Optional[str]:
+    """Why ``model`` cannot take an :class:`OScaRCache` through :func:`use_oscar_cache`; None when it can.
+
+    General rules read from the model's class and config, no model names:
+
+    * an encoder-decoder config (T5, Bart, Whisper, ...): the decoder's cross-attention attends to the encoder
+      output, not to tokens the decoder appends, and transformers pairs its self-attention cache with that
+      one (``EncoderDecoderCache``);
+    * no ``generate`` (not a generation model);
+    * a class whose attention does not go through transformers' attention interface
+      (``_supports_attention_backend`` False: Bloom's and Falcon's ALiBi, MPT, ...): attn_implementation
+      ``"oscar"`` would never see the cache, and the model's own attention would read it some other way;
+    * no static-cache support (``_can_compile_fullgraph`` False) or a cache of its own
+      (``_supports_default_dynamic_cache()`` False: recurrent and linear-attention models);
+    * an additive position bias in the config (``alibi``, or ``position_embedding_type`` other than rotary /
+      absolute): scores need a bias the OScaR attention does not add;
+    * no attention layer the OScaR layout can hold (no full or sliding attention layer, or a head_dim that is
+      not a multiple of ``oscar_config.group_size``).
     """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - hf_cache itself imports transformers
+        return "transformers is not installed"
+    cls = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        return f"{cls} is not a transformers PreTrainedModel"
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return (
+            f"{cls} is an encoder-decoder model: its cross-attention reads the encoder output, not a cache the "
+            "decoder appends to, and transformers pairs the self-attention cache with it; the model keeps "
+            "transformers' caches (self- and cross-attention left untouched)"
+        )
+    if not callable(getattr(model, "generate", None)):
+        return f"{cls} has no generate() (not a generation model): there is no cache for OScaR to provide"
+    if not getattr(type(model), "_supports_attention_backend", False):
+        return (
+            f"{cls}'s attention does not go through transformers' attention interface (_supports_attention_backend "
+            "is False; e.g. ALiBi or other biases computed in the model's own attention), so an OScaR cache would "
+            "be read by attention that cannot handle it"
+        )
+    if not getattr(type(model), "_can_compile_fullgraph", False):
+        return f"{cls} does not support a static cache (_can_compile_fullgraph is False), which OScaRCache is"
+    supports_cache = getattr(type(model), "_supports_default_dynamic_cache", None)
+    if supports_cache is not None and not supports_cache():
+        return f"{cls} manages a cache of its own (recurrent or linear attention), not transformers' Cache"
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "alibi", False):
+        return f"{cls} adds ALiBi position biases to the attention scores (config.alibi), which OScaR attention does not"
+    position = getattr(text, "position_embedding_type", None)
+    if isinstance(position, str) and position not in ("rope", "rotary", "absolute"):
+        return f"{cls} uses position_embedding_type={position!r} (a bias on the scores), which OScaR attention does not add"
+    try:
+        kinds, _ = _layer_types(text)
+        head_dim = _head_dim(text)
+    except (AttributeError, TypeError, ValueError) as e:
+        return f"{cls}: cannot read its attention layers from the config ({e})"
+    group = (oscar_config or OScaRConfig()).group_size
+    if not any(k in ("full_attention", "sliding_attention") for k in kinds):
+        return f"{cls} has no full or sliding attention layer (layer types {sorted(set(kinds))})"
+    if head_dim % group:
+        return f"{cls} has head_dim {head_dim}, not a multiple of group_size {group}: no layer can hold OScaR state"
+    return None
+
+
+# generation modes that roll rejected tokens back out of the cache (crop); quantized tokens cannot be
+_ROLLBACK_MODES = ("assisted_generation", "contrastive_search")
+
+
+def _rollback_error(mode) -> NotImplementedError:
+    return NotImplementedError(
+        f"oscar_compile: generation mode {mode!r} (assistant_model= / prompt_lookup_num_tokens= / "
+        "assisted or speculative decoding) rolls rejected tokens back out of the cache, which an OScaR cache "
+        "cannot do once they are quantized. Generate without it, or pass transformers' cache for this call "
+        "(e.g. cache=DynamicCache(), past_key_values= on transformers 5.17)."
+    )
+
+
+class OScaRGenerate:
+    """``model.generate`` after :func:`use_oscar_cache`: transformers' own ``generate`` with an
+    :class:`OScaRCache` wherever transformers would build its default cache.
+
+    transformers decides whether a cache is used and how long it must be (``_prepare_cache_for_generation``
+    receives ``generate``'s resolved settings: ``use_cache``, ``cache_implementation``, the batch after beam
+    expansion, ``max_length - 1`` positions); :meth:`prepare_cache` is installed in its place and swaps the
+    default ``DynamicCache`` for an OScaR one. So a cache passed in, ``use_cache=False`` (argument,
+    generation config or model config), or a ``cache_implementation`` (argument or generation config) behave
+    exactly as on the plain model, and ``inputs=``, ``max_length`` or no length argument at all size the cache
+    as transformers sizes its own. Assisted / prompt-lookup generation is refused before generating
+    (:func:`_rollback_error`).
+
+    One cache is kept between calls (:attr:`cache`) and reset for the next call that fits it, so compiled
+    graphs see the same shapes; a call that needs more positions allocates ``max(need, 2 x capacity)``
+    (at most ``max_position_embeddings`` unless the call needs more): the number of distinct capacities, so
+    of compiled graphs, grows with the log of the longest call. A cache the caller can still reach after a
+    call (returned with ``return_dict_in_generate``) is not reused. ``max_cache_len`` fixes the capacity.
+
+    A module-level class holding the model: ``copy.deepcopy(model)`` maps it to the copy (the copy generates
+    with its own weights) and the model pickles (the kept cache is dropped from copies and pickles).
+    """
+
+    def __init__(self, model, oscar_config: OScaRConfig, max_cache_len: Optional[int], cache_kwargs: dict, inner=None):
+        self.model = model
+        self.oscar_config = oscar_config
+        self.max_cache_len = max_cache_len
+        self.cache_kwargs = dict(cache_kwargs)
+        self.inner = inner  # an instance-level generate the model had before (called instead of the class's)
+        self.cache: Optional[OScaRCache] = None  # kept between calls
+        self._lent: list[OScaRCache] = []  # handed to calls still running
+
+    @property
+    def __wrapped__(self):  # inspect.signature / help() show transformers' generate
+        return self.inner if self.inner is not None else type(self.model).generate.__get__(self.model)
+
+    def __repr__(self) -> str:
+        return f"OScaRGenerate({type(self.model).__name__}, {self.oscar_config!r}, cache={self.cache!r})"
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["cache"], state["_lent"] = None, []  # cache state is per process and per model
+        return state
+
+    def __call__(self, *args, **kwargs):
+        depth = len(self._lent)
+        out = None
+        try:
+            out = self.__wrapped__(*args, **kwargs)
+            return out
+        finally:
+            lent = self._lent[depth:]
+            del self._lent[depth:]
+            for cache in lent:
+                if self.cache is None and not _exposes(out, cache):
+                    self.cache = cache
+
+    def prepare_cache(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs):
+        """Installed as the model's ``_prepare_cache_for_generation`` (same arguments)."""
+        model = self.model
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            # compiled in place (oscar.compile, nn.Module.compile): transformers' own auto-compile of the decode
+            # step (CUDA, compileable cache) would wrap that compiled call in a second torch.compile whose
+            # backend replaces ours (the OScaR backend then never sees the decode graphs)
+            generation_config.disable_compile = True
+        mode = getattr(generation_mode, "value", generation_mode)
+        rollback = mode in _ROLLBACK_MODES or bool(getattr(generation_config, "is_assistant", False))
+        if rollback and any(isinstance(v, OScaRCache) for v in model_kwargs.values()):
+            raise _rollback_error(mode)
+        before = dict(model_kwargs)
+        result = type(model)._prepare_cache_for_generation(
+            model, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
+        )
+        created = [k for k, v in model_kwargs.items() if isinstance(v, Cache) and before.get(k) is not v]
+        if len(created) != 1 or type(model_kwargs[created[0]]) is not DynamicCache:
+            return result  # no cache, the caller's, or one asked for by cache_implementation
+        if generation_config.cache_implementation is not None:
+            return result
+        if rollback:
+            raise _rollback_error(mode)
+        need = max(int(max_cache_length), getattr(generation_config, "max_cache_len", None) or 0)
+        rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        model_kwargs[created[0]] = self._lend(need, rows)
+        return result
+
+    def _lend(self, need: int, rows: int) -> OScaRCache:
+        """A reset cache for ``need`` positions and ``rows`` sequences (batch after beam / num_return_sequences
+        expansion), allocated now: the kept one if it fits, else a new one (class docstring)."""
+        if self.max_cache_len is not None and need > self.max_cache_len:
+            raise ValueError(
+                f"generate needs up to {need} cache positions (prompt + new tokens - 1) but use_oscar_cache was "
+                f"given max_cache_len={self.max_cache_len}; pass a larger max_cache_len or None (sized per call)"
+            )
+        cache, self.cache = self.cache, None
+        if cache is not None and cache.capacity >= need:
+            cache.reset()
+            cache._reserve(need)
+        else:
+            if self.max_cache_len is not None:
+                capacity = self.max_cache_len
+            elif cache is None:
+                capacity = need
+            else:
+                limit = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+                grown = 2 * cache.capacity if limit is None else min(2 * cache.capacity, limit)
+                capacity = max(need, grown)
+            cache = OScaRCache(self.model.config, need, self.oscar_config, capacity=capacity, **self.cache_kwargs)
+        self._lent.append(cache)
+        devices = set(getattr(self.model, "hf_device_map", {"": 0}).values())
+        if len(devices) == 1:  # layers spread over devices allocate at their first step instead
+            text = self.model.config.get_text_config(decoder=True)
+            heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            cache.early_initialization(rows, heads, _head_dim(text), self.model.dtype, self.model.device)
+        return cache
+
+    def release(self) -> None:
+        """Drop the cache kept between calls (frees its memory; the next call allocates afresh)."""
+        self.cache = None
+
+
+def _exposes(out, cache) -> bool:
+    """Whether ``generate``'s output hands ``cache`` back to the caller (e.g. ``return_dict_in_generate``)."""
+    if isinstance(out, Mapping):
+        return any(v is cache for v in out.values())
+    return any(v is cache for v in getattr(out, "__dict__", {}).values())
+
+
+def use_oscar_cache(model, oscar_config: Optional[OScaRConfig] = None, max_cache_len: Optional[int] = None, **cache_kwargs):
+    """Make ``model`` attend through OScaR and ``model.generate`` use an :class:`OScaRCache` where transformers
+    would build its default cache (:class:`OScaRGenerate`). Returns the model.
+
+    ``max_cache_len`` None: sized per call as transformers sizes its own cache (one cache kept and reused
+    between calls); an int: every call gets that capacity and a call that needs more raises ``ValueError``
+    before generating. ``cache_kwargs``: :class:`OScaRCache` options (``quantize_sliding``). A cache passed
+    explicitly (``past_key_values=`` / ``cache=``) is used as is.
+
+    A model :func:`hf_unsupported_reason` rejects is left exactly as it was, with a ``UserWarning`` giving
+    the reason. Calling it again replaces the settings (and drops the kept cache).
+    """
+    config = _check_oscar_config(oscar_config, "use_oscar_cache")
+    if max_cache_len is not None:
+        max_cache_len = _check_length("max_cache_len", max_cache_len, "use_oscar_cache")
+    unknown = set(cache_kwargs) - {"quantize_sliding"}
+    if unknown:
+        raise TypeError(f"use_oscar_cache: unknown OScaRCache options {sorted(unknown)}; accepted: ['quantize_sliding']")
+    if not isinstance(cache_kwargs.get("quantize_sliding", True), bool):
+        raise TypeError(f"use_oscar_cache: quantize_sliding must be a bool, got {cache_kwargs['quantize_sliding']!r}")
+    reason = hf_unsupported_reason(model, config)
+    if reason is not None:
+        warnings.warn(f"use_oscar_cache: model left untouched: {reason}", UserWarning, stacklevel=2)
+        return model
     use_oscar_attention(model)
-    config = oscar_config or OScaRConfig()
-    generate = model.generate
-    if getattr(generate, "_oscar_wrapped", False):
-        generate = generate.__wrapped__
-
-    @functools.wraps(generate)
-    def oscar_generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-            length = max_cache_len
-            if length is None:
-                inputs = kwargs.get("input_ids", args[0] if args else None)
-                if inputs is None:
-                    inputs = kwargs.get("inputs_embeds")
-                gen_cfg = kwargs.get("generation_config") or model.generation_config
-                new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens)
-                length = inputs.shape[1] + new if new is not None else kwargs.get("max_length", gen_cfg.max_length)
-            kwargs[cache_kwarg_name(model)] = OScaRCache(model.config, length, config, **cache_kwargs)
-        return generate(*args, **kwargs)
-
-    oscar_generate._oscar_wrapped = True
-    model.generate = oscar_generate
+    current = model.__dict__.get("generate")
+    inner = current.inner if isinstance(current, OScaRGenerate) else current
+    wrapper = OScaRGenerate(model, config, max_cache_len, cache_kwargs, inner)
+    model.generate = wrapper
+    model._prepare_cache_for_generation = wrapper.prepare_cache
     return model
