@@ -6,7 +6,8 @@ What it checks, each reported as {"ok": bool, ...} in the JSON (and printed):
 
 1. ``opcheck`` of ``oscar::append_kv`` / ``oscar::attention`` / ``oscar::sdpa`` / ``oscar::left_pads``
    on CUDA (the Triton launchers behind ``torch.library.triton_op``).
-2. Triton path vs the CPU reference: attention output max error, append state equality.
+2. Triton path vs the same-device reference: attention output max error; the append contract (every
+   stored field bit-identical except the key norms, which may differ in the last ulp: checked to 1 ulp).
 3. Inductor sees the Triton kernels: a compiled attend+append step's generated code names the user
    Triton kernels (``triton_op`` decomposed, not an opaque call) and how often it copies cache buffers.
 4. A tiny bf16 Llama (head_dim 128) with ``OScaRCache``: eager greedy generate vs a fake-quantize
@@ -124,8 +125,37 @@ def check_triton_vs_reference(device):
     big_v = torch.randn(2, 2, 200, 128, dtype=torch.bfloat16, device=device)
     ops.append_kv(cache, fmt, big_k, big_v)
     append_kv_ref(ref_cache, fmt, big_k, big_v)
-    same = {name: float((a == b).float().mean()) for name, a, b in zip(cache._fields, cache, ref_cache)}
-    return {"ok": err < 3e-2 and min(same.values()) > 0.999, "attention_max_err": err, "append_fraction_equal": same}
+    # The append contract (kernels.append_kv.append_kv docstring): every stored field bit-identical to the
+    # same-device reference (codes, fp16 group parameters, residual, lengths, flags), except the omni-token
+    # key norms, whose fp32 sum of squares runs in another order than torch's: they may differ in the
+    # last ulp. Compared as bit patterns; norms by their distance in ulps (positive finite floats: the
+    # difference of their int32 views), allowed NORM_ULPS.
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    bits = lambda t: t.view(ints[t.element_size()]) if t.is_floating_point() else t  # noqa: E731
+    bitwise = {name: int((bits(a) != bits(b)).sum()) for name, a, b in zip(cache._fields, cache, ref_cache) if name != "key_norms"}
+    na, nb = cache.key_norms, ref_cache.key_norms
+    finite = bool(torch.isfinite(na).all() and torch.isfinite(nb).all() and (na > 0).all() and (nb > 0).all())
+    ulps = (na.view(torch.int32).long() - nb.view(torch.int32).long()).abs()
+    norms = {
+        "tolerance": f"|kernel - reference| <= {NORM_ULPS} fp32 ulp (the contract: 'may differ in the last ulp')",
+        "max_ulps": int(ulps.max()),
+        "tokens_differing": int((ulps > 0).sum()),
+        "tokens": ulps.numel(),
+        "finite_positive": finite,
+    }
+    append_ok = all(v == 0 for v in bitwise.values()) and finite and norms["max_ulps"] <= NORM_ULPS
+    return {
+        "ok": err < 3e-2 and append_ok,
+        "attention_max_err": err,
+        "attention_tolerance": 3e-2,
+        "append_ok": append_ok,
+        "append_criterion": "all fields but key_norms bit-identical; key_norms within 1 ulp",
+        "append_elements_differing": bitwise,
+        "append_key_norms": norms,
+    }
+
+
+NORM_ULPS = 1  # kernels.append_kv.append_kv: "a norm may differ in the last ulp"
 
 
 @check("inductor_sees_triton_kernels")

@@ -31,7 +31,7 @@ from .triton_utils import (
     next_pow2,
 )
 
-__all__ = ["append_kv", "append_kv_ref", "check_append_inputs"]
+__all__ = ["append_kv", "append_kv_ref", "check_append_inputs", "check_overflow", "overflowed"]
 
 
 def check_append_inputs(cache: CacheTensors, new_keys: torch.Tensor, new_values: torch.Tensor, skip) -> None:
@@ -54,6 +54,30 @@ def check_append_inputs(cache: CacheTensors, new_keys: torch.Tensor, new_values:
         raise TypeError(f"new keys/values must share one float dtype, got {new_keys.dtype}/{new_values.dtype}")
     if skip is not None and (skip.shape != (b,) or skip.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"skip must be an int tensor of shape ({b},), got {skip.dtype} {tuple(skip.shape)}")
+
+
+def overflowed(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Per-sequence overflow flags, bool ``[B]`` on ``lengths``' device (no host sync).
+
+    ``lengths``: a cache's ``lengths`` ``[B]``; ``max_len``: its capacity (``CacheTensors.max_len``).
+    True where the Triton append marked an overflow (``lengths[b] > max_len``, see :func:`append_kv`).
+    Plain torch ops, so a compiled step may fold the flags into its own outputs.
+    """
+    return lengths > max_len
+
+
+def check_overflow(lengths: torch.Tensor, max_len: int) -> None:
+    """Raise ``ValueError`` if any sequence's ``lengths`` passed ``max_len`` (an overflow the Triton
+    append marked instead of raising). Eager only: one host sync (reads a ``[B]`` tensor)."""
+    over = overflowed(lengths, max_len)
+    if not bool(over.any()):
+        return
+    seqs = over.nonzero().flatten().tolist()
+    reached = lengths[over].tolist()
+    raise ValueError(
+        f"cache overflow: sequence(s) {seqs} reached {reached} tokens, past max_len {max_len} (the append "
+        f"that crossed it wrote nothing for them; the cache must be reset or rebuilt with a larger max_len)"
+    )
 
 
 @torch.no_grad()
@@ -176,9 +200,10 @@ def _append_quantize_kernel(
     q0 = length - n_res
     n_groups = (n_res + n) // R * (R // G)
     t0 = q0 + gi * G
-    # Nothing to flush for this group, or (overflow, which the cache layer checks on its host-side
-    # counters) the group would land past max_len: never write out of bounds.
-    if (gi >= n_groups) | (t0 + G > MAX_LEN):
+    # Nothing to flush for this group, or overflow (the sequence would pass max_len, or already did):
+    # then nothing of the sequence is written (the residual kernel marks lengths[b], see append_kv).
+    # Without overflow every flushed group ends at or before length + n <= max_len: never out of bounds.
+    if (gi >= n_groups) | (length + n > MAX_LEN):
         return
     c = gi * G + tl.arange(0, G)
     offs_d = tl.arange(0, D_PAD)
@@ -229,7 +254,7 @@ def _append_quantize_kernel(
 @triton.jit
 def _append_residual_kernel(
     new_k, new_v, res_k, res_v, lengths, skip,  #
-    T_NEW,  #
+    T_NEW, MAX_LEN,  #
     snb, snh, snt, snd, svb, svh, svt, svd,  #
     srb, srh, srt, srd, swb, swh, swt, swd,  #
     HKV: tl.constexpr, HKV_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,  #
@@ -244,6 +269,9 @@ def _append_residual_kernel(
     n_res = length % R
     n_blocks = (n_res + n) // R
     rest = n_res + n - n_blocks * R
+    # overflow (length + n > max_len, or a sequence already marked): write no residual token, only the
+    # mark below (lengths[b] = length + n > max_len, which check_overflow reports)
+    rest = tl.where(length + n > MAX_LEN, 0, rest)
     # residual slot r takes stored token j = r + off of this chunk (j < 0: an old residual token that
     # stays where it is, only possible when no block completes)
     off = n_blocks * R - n_res
@@ -281,10 +309,17 @@ def append_kv(
 
     No host synchronization: lengths and skip are read in the kernels, the grids are sized from
     ``T_new`` only, and programs with nothing to flush exit at once, so a decode step can be captured in
-    a CUDA graph. Consequently this launcher cannot raise on overflow (``lengths + stored > max_len``):
-    the cache layer must check that on its host-side counters. On overflow the kernels still never
-    write out of bounds (groups past ``max_len`` are dropped, residual writes stay inside the window),
-    but the cache contents are then unspecified. ``skip`` outside ``[0, T_new]`` is clamped.
+    a CUDA graph. Consequently this launcher cannot raise on overflow (``lengths[b] + stored > max_len``,
+    where the reference raises ``ValueError`` before writing anything). Instead, per sequence, the
+    kernels write nothing of an overflowing sequence (its stored tokens stay as they were; the other
+    sequences append normally) and set ``lengths[b]`` to ``lengths[b] + stored``, past ``max_len``: the
+    overflow mark. It is sticky (a marked sequence overflows again on any later append, and the mark
+    only grows) until the cache is reset, and it is read on the device, so a compiled or CUDA-graph step
+    needs no host sync for it: :func:`overflowed` gives the per-sequence flags as a device tensor and
+    :func:`check_overflow` (``oscar_compile.ops.check_overflow``) raises ``ValueError`` on the next
+    eager check (one host sync). A marked cache's contents are not to be attended to (the attention
+    kernels clamp ``lengths`` to ``max_len``, which does not make them right). ``skip`` outside
+    ``[0, T_new]`` is clamped.
 
     Codes match the reference bit for bit given the same fp32 keys after rotation and norm division:
     the butterflies run in the reference's order, divisions use IEEE ``div_rn``, ``sqrt_rn`` for the
@@ -334,7 +369,7 @@ def append_kv(
     block_t = max(1, min(next_pow2(min(t_new, r)), 8192 // (hkv_pad * d_pad)))
     torch.library.wrap_triton(_append_residual_kernel)[(bsz,)](
         nk, nv, rk, rv, c.lengths, skip_arg,
-        t_new,
+        t_new, c.max_len,
         *new_strides, *res_strides,
         HKV=hkv, HKV_PAD=hkv_pad, HEAD_DIM=d, D_PAD=d_pad, R=r, BLOCK_T=block_t, HAS_SKIP=has_skip,
         num_warps=4,

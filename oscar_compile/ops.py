@@ -41,6 +41,12 @@ Backends:
   launchers must call their kernels as ``wrap_triton(_kernel)[grid](...)`` and do no host syncs.
   On any other device (and when the launcher is not importable) the op stays opaque during tracing: the
   DESIGN §4 pitfall is that ``triton_op`` cannot be traced when Triton runs in the CPU interpreter.
+* eager on CUDA: the Python wrappers (``append_kv``, ``attention``, ``attend_append``) skip the op dispatch
+  and launch the kernels directly when nothing is tracing (``_launch_directly``): host time per call is
+  the launchers' own, not the dispatcher's custom-op layers.
+
+Overflow: the CPU reference raises ``ValueError``; the CUDA append marks the sequence instead (no host
+sync) and :func:`check_overflow` raises at the next eager check.
 """
 
 from __future__ import annotations
@@ -53,14 +59,15 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .kernels.append_kv import append_kv_ref
+from .kernels.append_kv import check_overflow as _check_overflow
 from .kernels.attention_ref import masked_softmax
 from .kernels.cache_attention import cache_attention_ref
 from .kernels.cache_layout import CacheFormat, CacheTensors
 from .kernels.key_transform import choose_key_flags as _choose_key_flags
 
 __all__ = [
-    "append_kv", "attend_append", "attention", "choose_key_flags", "left_pads", "refresh_key_flags", "sdpa",
-    "triton_launcher",
+    "append_kv", "attend_append", "attention", "check_overflow", "choose_key_flags", "left_pads",
+    "refresh_key_flags", "sdpa", "triton_launcher",
 ]  # fmt: skip
 
 Tensor = torch.Tensor
@@ -291,6 +298,11 @@ def _attend_append_op(
         residual_keys, residual_values, lengths, key_rotated, key_scaled,
     )  # fmt: skip
     fmt = CacheFormat(bits, group_size, residual_length, rotate_values)
+    return _attend_append_impl(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window, stored_empty)
+
+
+def _attend_append_impl(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window, stored_empty) -> Tensor:
+    """The body of ``oscar::attend_append`` (also called directly by :func:`attend_append` when eager on CUDA)."""
     attend, append = cache_attention_ref, append_kv_ref
     kw = dict(scale=scale, softcap=softcap, window=window)
     if query.device.type == "cuda":
@@ -311,6 +323,43 @@ def _direct_triton_launches():
     except ImportError:
         return contextlib.nullcontext()
     return set_wrap_triton_enabled(False)
+
+
+# Eager fast path. Through torch.ops an op call pays the dispatcher's Python custom-op layers (autograd and
+# ADInplaceOrView kernels for the 10 mutated tensors, schema handling) before the launcher runs: hundreds
+# of microseconds of host time per call, more than a decode step's kernels take on the GPU. The Python
+# wrappers below call the Triton launchers themselves (wrap_triton disabled, as triton_op's own CUDA
+# backend does) when nothing could need the op: not tracing, no dispatch / torch-function mode or functorch
+# transform active, every tensor a plain torch.Tensor on CUDA that needs no grad. Anything else (Dynamo,
+# AOT tracing with fake or functional tensors, the cache subclass, make_fx, export, CPU) goes through
+# torch.ops as before. Compiled graphs call the ops themselves and never take this path.
+
+
+_DIRECT_DEVICE = "cuda"  # the device type whose eager calls launch directly (tests point it at the CPU interpreter)
+
+
+def _launch_directly(device_tensor: Tensor, tensors) -> bool:
+    """Whether a wrapper call may launch the CUDA Triton kernels directly (see the comment above)."""
+    if torch.compiler.is_compiling():  # first: Dynamo folds it to True and traces nothing else here
+        return False
+    if (
+        torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    if type(device_tensor) is not Tensor or device_tensor.device.type != _DIRECT_DEVICE:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def _mark_mutated(cache: CacheTensors) -> None:
+    """Bump the version counters of the tensors an append mutates, as the op's ADInplaceOrView kernel does."""
+    torch.autograd.graph.increment_version(cache[: len(APPEND_MUTATES)])
 
 
 @_attend_append_op.register_fake
@@ -442,10 +491,38 @@ def append_kv(
     """Append ``new_keys``/``new_values`` ``[B, Hkv, T_new, D]`` to ``cache`` in place.
 
     skip: int ``[B]``, leading tokens of this chunk that are left padding (never stored); None means 0.
+    Eager calls on CUDA launch the Triton kernels directly (no op dispatch); see ``_launch_directly``.
+    On CUDA an overflow (a sequence passing ``max_len``) is marked, not raised: :func:`check_overflow`.
     """
+    if _launch_directly(new_keys, (new_keys, new_values, skip, *cache)):
+        launcher = triton_launcher("append_kv")
+        if launcher is not None:
+            with _direct_triton_launches():
+                launcher(cache, fmt, new_keys, new_values, skip)
+            _mark_mutated(cache)
+            return
     torch.ops.oscar.append_kv(
         *cache, new_keys, new_values, skip, fmt.bits, fmt.group_size, fmt.residual_length, fmt.rotate_values
     )
+
+
+def check_overflow(cache, max_len: Optional[int] = None) -> None:
+    """Raise ``ValueError`` if an append overflowed a sequence of ``cache`` (eager; one host sync).
+
+    ``cache``: a :class:`~oscar_compile.kernels.CacheTensors` (``max_len`` from it), or a cache's
+    ``lengths`` ``[B]`` tensor with its ``max_len``. The CPU reference raises at the overflowing append;
+    the CUDA kernel cannot without a host sync, so it writes nothing of the sequence and marks
+    ``lengths[b]`` past ``max_len`` (``kernels.append_kv.append_kv``): call this at a point that may sync
+    (after a compiled or CUDA-graph decode loop, at the next eager step). Not for compiled code (it reads
+    the flags on the host); ``kernels.append_kv.overflowed`` gives them as a device tensor.
+    """
+    if isinstance(cache, CacheTensors):
+        lengths, max_len = cache.lengths, cache.max_len if max_len is None else max_len
+    else:
+        lengths = cache
+        if max_len is None:
+            raise TypeError("check_overflow(lengths, max_len): max_len is required with a lengths tensor")
+    _check_overflow(lengths, int(max_len))
 
 
 def _attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window) -> tuple:
@@ -473,8 +550,16 @@ def attention(
     """query ``[B, Hq, T, D]`` over the stored cache plus ``new_*`` ``[B, Hkv, T, D]`` -> ``[B, Hq, T, D]``.
 
     scale defaults to ``D ** -0.5``; ``softcap``/``window`` as in ``kernels.cache_attention``.
+    Eager calls on CUDA launch the Triton kernels directly (no op dispatch); see ``_launch_directly``.
     """
-    return torch.ops.oscar.attention(*_attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window))
+    args = _attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window)
+    if _launch_directly(query, (query, new_keys, new_values, skip, *cache)):
+        launcher = triton_launcher("cache_attention")
+        if launcher is not None:
+            with _direct_triton_launches():
+                out = launcher(query, cache, fmt, new_keys, new_values, skip, scale=args[-3], softcap=args[-2], window=args[-1])
+            return out.contiguous()
+    return torch.ops.oscar.attention(*args)
 
 
 def attend_append(
@@ -495,9 +580,13 @@ def attend_append(
     ``stored_empty``: the caller promises that no sequence stores a token yet (``cache.lengths == 0``,
     e.g. a layer's first step); a long step (prefill) then attends with flash attention alone. A wrong
     promise gives a wrong answer: only :class:`~oscar_compile.hf_cache.OScaRLayer` sets it, on the first
-    step after allocation or ``reset``.
+    step after allocation or ``reset``. Eager calls on CUDA run the op's body directly (no op dispatch).
     """
     args = _attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window)
+    if _launch_directly(query, (query, new_keys, new_values, skip, *cache)):
+        out = _attend_append_impl(query, cache, fmt, new_keys, new_values, skip, *args[-3:], bool(stored_empty))
+        _mark_mutated(cache)
+        return out
     return torch.ops.oscar.attend_append(*args, bool(stored_empty))
 
 

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oscar_compile.kernels import CacheFormat, allocate_cache
-from oscar_compile.kernels.append_kv import append_kv, append_kv_ref
+from oscar_compile.kernels.append_kv import append_kv, append_kv_ref, check_overflow, overflowed
 from testing_utils import poisoned_cache
 
 ON_GPU = bool(os.environ.get("OSCAR_TEST_CUDA")) and torch.cuda.is_available()
@@ -167,14 +167,56 @@ def test_decode_steps_cross_block_boundary():
 
 
 def test_overflow_never_writes_out_of_bounds():
-    """Overflow is the cache layer's to check (no host sync here); the kernel must stay in bounds."""
+    """Overflow is not raised here (no host sync): the kernel writes nothing of the sequence, stays in
+    bounds, and marks lengths past max_len, which check_overflow turns into a ValueError."""
     fmt = CacheFormat(2, 32, 32, True)
     cache = poisoned_cache(DEVICE, 1, 1, 64, 32, fmt, torch.float32, True, True)
+    before = clone_cache(cache)
     k = exact_norm_keys(1, 1, 100, 32, 3).to(DEVICE)
     append_kv(cache, fmt, k, k, None)  # 100 tokens into a 64-token cache: must not crash or corrupt memory
-    assert cache.key_codes.shape[2] == 64 // 4
+    assert cache.lengths.tolist() == [100]
+    assert_storage_equal(cache, before, skip_fields=("lengths",))  # nothing written
+    assert overflowed(cache.lengths, cache.max_len).tolist() == [True]
+    with pytest.raises(ValueError, match=r"overflow: sequence\(s\) \[0\] reached \[100\] tokens, past max_len 64"):
+        check_overflow(cache.lengths, cache.max_len)
     with pytest.raises(ValueError, match="overflow"):
-        append_kv_ref(clone_cache(cache), fmt, k, k, None)
+        append_kv_ref(clone_cache(before), fmt, k, k, None)
+
+
+def test_overflow_marks_only_the_overflowing_sequence():
+    """A batch where sequence 0 overflows and sequence 1 does not: sequence 1 appends exactly as the
+    reference does alone, sequence 0 keeps its storage and is marked; the mark is sticky and grows; the
+    op-level check (oscar_compile.ops.check_overflow) raises on the cache, not before the overflow."""
+    from oscar_compile import ops
+
+    fmt = CacheFormat(2, 32, 32, True)
+    h, d = 2, 32
+    cache = poisoned_cache(DEVICE, 2, h, 64, d, fmt, torch.bfloat16, True, True)
+    k0 = exact_norm_keys(2, h, 40, d, 11).to(torch.bfloat16).to(DEVICE)
+    append_kv(cache, fmt, k0, -k0, torch.tensor([0, 30], dtype=torch.int32, device=DEVICE))  # lengths 40 / 10
+    assert cache.lengths.tolist() == [40, 10]
+    ops.check_overflow(cache)  # no overflow yet: no error
+    before = clone_cache(cache)
+    k = exact_norm_keys(2, h, 30, d, 12).to(torch.bfloat16).to(DEVICE)
+    append_kv(cache, fmt, k, k * 0.5, None)  # 40 + 30 > 64 for sequence 0; 10 + 30 = 40 for sequence 1
+    assert cache.lengths.tolist() == [70, 40]
+    assert overflowed(cache.lengths, cache.max_len).tolist() == [True, False]
+    per_seq = lambda c, b: type(c)(*(t[b : b + 1] for t in c[:10]), *c[10:])  # noqa: E731
+    assert_storage_equal(per_seq(cache, 0), per_seq(before, 0), skip_fields=("lengths",))
+    ref1 = clone_cache(per_seq(before, 1))
+    append_kv_ref(ref1, fmt, k[1:2], k[1:2] * 0.5, None)
+    assert_storage_equal(per_seq(cache, 1), ref1)
+    with pytest.raises(ValueError, match=r"sequence\(s\) \[0\] reached \[70\] tokens, past max_len 64"):
+        ops.check_overflow(cache)
+    # sticky: a later one-token step writes nothing more for sequence 0 and the mark grows
+    one = exact_norm_keys(2, h, 1, d, 13).to(torch.bfloat16).to(DEVICE)
+    append_kv(cache, fmt, one, one, None)
+    append_kv_ref(ref1, fmt, one[1:2], one[1:2], None)
+    assert cache.lengths.tolist() == [71, 41]
+    assert_storage_equal(per_seq(cache, 0), per_seq(before, 0), skip_fields=("lengths",))
+    assert_storage_equal(per_seq(cache, 1), ref1)
+    with pytest.raises(ValueError, match=r"\[71\] tokens"):
+        ops.check_overflow(cache.lengths, cache.max_len)
 
 
 def test_validation_errors():
