@@ -38,6 +38,7 @@ from torch import fx
 from torch._dynamo.source import ConstantSource
 from torch._dynamo.utils import counters
 
+from ..config import AUTO
 from ..kernels.key_transform import FALLBACK_FLAGS
 from ..kv_tensor import OScaRKeyCache, OScaRValueCache, cache_tensors, is_oscar_cache, layer_nbytes, new_kv_cache
 from .cache_trace import layer_index
@@ -106,7 +107,7 @@ def cache_step(
         if keys.key_decision is not None:  # "auto": kept only while the layer holds no token
             t = new_keys.shape[2]
             if isinstance(t, int) and t < fmt.group_size:  # what the choice gives for so few keys
-                rotated, scaled = (f if f != "auto" else fb for f, fb in zip(keys.key_decision, FALLBACK_FLAGS))
+                rotated, scaled = (fb if f == AUTO else f for f, fb in zip(keys.key_decision, FALLBACK_FLAGS))
             else:  # a symbolic T (dynamic prompt lengths) may be either
                 rotated, scaled = ops.choose_key_flags(new_keys, query, None, fmt.bits, fmt.group_size, *keys.key_decision)
             ops.refresh_key_flags(keys.key_rotated, keys.key_scaled, keys.lengths, rotated, scaled)
