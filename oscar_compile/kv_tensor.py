@@ -57,10 +57,6 @@ Dtype conversions (``k.to(torch.bfloat16)``, ``k.half()``, ``k.float()``) take t
 tensor of the asked dtype; a device move alone (``k.to("cuda")``) moves the state and stays a cache.
 ``k[:, :, i]`` (an int on the token dim) is a one-token view: reads dequantize, and ``k[:, :, i] = x``
 writes like ``k[:, :, i:i + 1] = x[:, :, None]``.
-Dtype conversions (``k.to(torch.bfloat16)``, ``k.half()``, ``k.float()``) take that route and return a plain
-tensor of the asked dtype; a device move alone (``k.to("cuda")``) moves the state and stays a cache.
-``k[:, :, i]`` (an int on the token dim) is a one-token view: reads dequantize, and ``k[:, :, i] = x``
-writes like ``k[:, :, i:i + 1] = x[:, :, None]``.
 
 Fields (``G`` group size, ``R`` residual length, ``M`` max_len, a multiple of ``R``):
 
