@@ -301,8 +301,8 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="both"):
         cache_attention(q, cache, fmt, torch.zeros(1, 1, 1, 32, device=DEVICE), None)
     odd = CacheFormat(2, 32, 32, True)
-    c160 = allocate_cache(1, 1, 32, 160, odd, torch.float32, DEVICE)
-    with pytest.raises(ValueError, match="head_dim 160"):
+    with pytest.raises(ValueError, match="head_dim 160"):  # refused when the cache is built (CUDA) or used
+        c160 = allocate_cache(1, 1, 32, 160, odd, torch.float32, DEVICE)
         cache_attention(torch.zeros(1, 1, 1, 160, device=DEVICE), c160, odd)
 
 
