@@ -55,9 +55,11 @@ def _check(keys, values, config, queries, prompt_length) -> None:
         if queries.device != keys.device:
             raise ValueError(f"queries on {queries.device} but keys on {keys.device}")
     if prompt_length is not None:
+        # a history that quantizes nothing never reads it (a caller may pass the prompt's length before the
+        # history holds the prompt); one that does must hold the whole first step
         if isinstance(prompt_length, bool) or not isinstance(prompt_length, numbers.Integral):
             raise TypeError(f"prompt_length must be None or an int in [1, T={t}], got {prompt_length!r}")
-        if not 1 <= prompt_length <= t:
+        if not 1 <= prompt_length <= (t if t >= config.residual_length else prompt_length):
             raise ValueError(f"prompt_length must be None or an int in [1, T={t}] (the keys' length), got {prompt_length}")
 
 
@@ -97,7 +99,8 @@ def fake_quantize(
     prompt_length: the OScaR cache decides "auto" at its first step, from that step's keys and queries
     (``oscar_compile.kv_tensor``); pass the first step's length (and its ``queries``) to decide from
     ``keys[:, :, :prompt_length]`` instead, which reproduces the cache for batch 1 (a batched cache makes one
-    joint decision for all its sequences). None: the quantized blocks decide, as above. An int in ``[1, T]``.
+    joint decision for all its sequences). None: the quantized blocks decide, as above. An int >= 1, at most
+    T when the history quantizes a block (a shorter history ignores it).
 
     Raises ValueError when the cache could not store the quantized prefix (``kernels.cache_layout.
     check_storable``, the check the cache's reference path makes): non-finite tokens, or tokens whose group

@@ -302,9 +302,15 @@ def test_fake_quantize_prompt_length(prompt_length, error, accepted):
     cfg = CONFIGS["adaptive"]
     with pytest.raises(error, match=rf"prompt_length must be None or an int in \[1, T=64\].*{accepted}"):
         fake_quantize(k, v, cfg, prompt_length=prompt_length)
-    # the bounds themselves are fine
+    # the bounds themselves are fine, and a history that quantizes nothing yet (shorter than the first step
+    # while it is written) does not read it
     for ok in (1, 2 * R, np.int64(R)):
         fake_quantize(k, v, cfg, prompt_length=ok)
+    short_k, short_v = k[:, :, : R - 1], v[:, :, : R - 1]
+    assert all(torch.equal(a, b) for a, b in zip(fake_quantize(short_k, short_v, cfg, prompt_length=1000), (short_k, short_v)))
+    if not isinstance(prompt_length, int) or prompt_length < 1:
+        with pytest.raises(error, match="prompt_length"):
+            fake_quantize(short_k, short_v, cfg, prompt_length=prompt_length)
 
 
 @pytest.mark.parametrize("shape", [(0, HKV, 128, D), (1, 0, 128, D), (1, HKV, 128, 0)])
