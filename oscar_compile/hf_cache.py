@@ -710,15 +710,18 @@ class OScaRGenerate:
         result = type(model)._prepare_cache_for_generation(
             model, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
         )
+        rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         created = [k for k, v in model_kwargs.items() if isinstance(v, Cache) and before.get(k) is not v]
         if len(created) != 1 or type(model_kwargs[created[0]]) is not DynamicCache:
+            for cache in model_kwargs.values():  # the caller's OScaRCache: allocated before the first forward too
+                if isinstance(cache, OScaRCache):
+                    self._allocate(cache, rows)
             return result  # no cache, the caller's, or one asked for by cache_implementation
         if generation_config.cache_implementation is not None:
             return result
         if rollback:
             raise _rollback_error(mode)
         need = max(int(max_cache_length), getattr(generation_config, "max_cache_len", None) or 0)
-        rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         model_kwargs[created[0]] = self._lend(need, rows)
         return result
 
@@ -745,12 +748,18 @@ class OScaRGenerate:
                 capacity = max(need, grown)
             cache = OScaRCache(self.model.config, need, self.oscar_config, capacity=capacity, **self.cache_kwargs)
         self._lent.append(cache)
-        devices = set(getattr(self.model, "hf_device_map", {"": 0}).values())
-        if len(devices) == 1:  # layers spread over devices allocate at their first step instead
-            text = self.model.config.get_text_config(decoder=True)
-            heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-            cache.early_initialization(rows, heads, _head_dim(text), self.model.dtype, self.model.device)
+        self._allocate(cache, rows)
         return cache
+
+    def _allocate(self, cache: OScaRCache, rows: int) -> None:
+        """Allocate ``cache`` before the first forward, so under torch.compile its state is a graph input marked
+        static rather than allocated inside the graph, where a cache length that changed between compiles is a
+        symbolic int. A wrong guess (another dtype, or kv heads the config does not name) only reallocates."""
+        if len(set(getattr(self.model, "hf_device_map", {"": 0}).values())) > 1:
+            return  # layers spread over devices allocate at their first step
+        text = self.model.config.get_text_config(decoder=True)
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        cache.early_initialization(rows, heads, _head_dim(text), self.model.dtype, self.model.device)
 
     def release(self) -> None:
         """Drop the cache kept between calls (frees its memory; the next call allocates afresh)."""

@@ -15,6 +15,7 @@ import torch
 import transformers as tf
 from torch._dynamo.utils import counters
 
+import oscar_compile as oscar
 from oscar_compile import OScaRConfig
 from oscar_compile.hf_cache import (
     OScaRCache,
@@ -48,6 +49,7 @@ def oscar_reference(model, ids, max_cache_len, **kwargs):
     ref = copy.deepcopy(model)
     for name in ("generate", "_prepare_cache_for_generation"):
         ref.__dict__.pop(name, None)
+    ref._compiled_call_impl = None  # eager
     use_oscar_attention(ref)
     cache = OScaRCache(ref.config, max_cache_len, CFG)
     return ref.generate(ids, **{cache_kwarg_name(ref): cache}, **GREEDY, **kwargs)
@@ -81,6 +83,12 @@ def test_compiled_generate_lengths_in_different_blocks_and_a_second_model():
         models.append(model)
         # 39 positions, then 119 (more blocks: a new capacity), then 39 again (the kept cache, reset)
         _check_lengths(model, (20, 100, 20))
+    # caches the caller passes, of other lengths, on the same compiled model
+    ids = prompt(20)
+    for new in (180, 20, 100):
+        cache = OScaRCache(models[1].config, 20 + new, CFG)
+        got = models[1].generate(ids, **{cache_kwarg_name(models[1]): cache}, max_new_tokens=new, **GREEDY)
+        assert torch.equal(got, oscar_reference(models[1], ids, 20 + new, max_new_tokens=new))
     assert not counters["graph_break"]
     kept = models[0].generate.cache
     models[0].generate(prompt(20), max_new_tokens=10, **GREEDY)
@@ -105,6 +113,12 @@ def test_generate_keeps_one_cache_and_grows_it_geometrically():
     lengths = returned.layers[0].keys.lengths.clone()
     model.generate(ids, max_new_tokens=5, **GREEDY)
     assert model.generate.cache is not grown and torch.equal(returned.layers[0].keys.lengths, lengths)
+    # the kept cache serves other batch sizes (beam search expands the batch) with the same numerics
+    kept = model.generate.cache
+    for kwargs in (dict(num_beams=3, num_return_sequences=2), dict(num_beams=1)):
+        got = model.generate(prompt(20, batch=2), max_new_tokens=5, **kwargs, **GREEDY)
+        assert torch.equal(got, oscar_reference(model, prompt(20, batch=2), 24, max_new_tokens=5, **kwargs))
+        assert model.generate.cache is kept
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -242,6 +256,20 @@ def test_deepcopy_generates_with_the_copy_and_the_model_pickles():
     assert loaded.generate.model is loaded and torch.equal(loaded.generate(ids, max_new_tokens=10, **GREEDY), original)
 
 
+def test_deepcopy_of_an_oscar_compiled_model_generates_with_the_copy():
+    model = oscar.compile(tiny(), CFG)
+    dup = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in dup.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = prompt()
+    assert dup.generate.model is dup
+    got = dup.generate(ids, max_new_tokens=10, **GREEDY)
+    assert torch.equal(got, oscar_reference(dup, ids, 49, max_new_tokens=10))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the generate wrapper pickles
+
+
 # ---------------------------------------------------------------------------------------------------
 # row 9: byte counts against what transformers would hold (sliding-window layers)
 
@@ -295,6 +323,19 @@ def test_prompt_lookup_refused_before_any_forward(explicit_cache):
     lookup = dict(prompt_lookup_num_tokens=5, max_new_tokens=20, **GREEDY)
     got = model.generate(ids, **{cache_kwarg_name(model): tf.DynamicCache()}, **lookup)
     assert torch.equal(got, plain.generate(ids, **lookup))
+
+
+def test_assistant_model_refused_before_any_forward():
+    ids = prompt(30)
+    for hooked_main in (True, False):  # the OScaR model generates, or drafts as the assistant
+        main, assistant = tiny(seed=0), tiny(seed=1)
+        use_oscar_cache(main if hooked_main else assistant, CFG)
+        calls = []
+        for m in (main, assistant):
+            m.register_forward_pre_hook(lambda *a: calls.append(1))
+        with pytest.raises(NotImplementedError, match="rolls rejected tokens back"):
+            main.generate(ids, assistant_model=assistant, max_new_tokens=10, **GREEDY)
+        assert not calls
 
 
 # ---------------------------------------------------------------------------------------------------
