@@ -61,7 +61,7 @@ def compile(model: torch.nn.Module, config: OScaRConfig | None = None, **torch_c
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"oscar.compile expects an nn.Module, got {type(model).__name__}")
-    config = config or OScaRConfig()
+    config = OScaRConfig() if config is None else config
     if not isinstance(config, OScaRConfig):
         raise TypeError(f"config must be an OScaRConfig, got {type(config).__name__}")
     unknown = set(torch_compile_kwargs) - _COMPILE_KEYS

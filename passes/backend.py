@@ -39,7 +39,7 @@ class OScaRBackend:
     """
 
     def __init__(self, config=None, report=None, inductor_options=None, inner="inductor"):
-        self.config = config or OScaRConfig()
+        self.config = OScaRConfig() if config is None else config
         if not isinstance(self.config, OScaRConfig):
             raise TypeError(f"config must be an OScaRConfig, got {type(self.config).__name__}")
         if inner not in ("inductor", "eager"):
