@@ -121,6 +121,30 @@ def test_generate_keeps_one_cache_and_grows_it_geometrically():
         assert model.generate.cache is kept
 
 
+def test_transformers_auto_compile_does_not_wrap_a_model_compiled_in_place():
+    """On CUDA (here forced with ``_compile_all_devices``) transformers compiles the decode step of a compileable
+    cache itself; over a model compiled in place that second torch.compile took the decode graphs away from
+    the OScaR backend (transformers 5.17 GPU box: generate ran on OScaRCache, the report said 0 sites)."""
+    model = use_oscar_cache(tiny(), CFG)
+    compile_config = tf.CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    model.generation_config.compile_config = compile_config
+    torch._dynamo.reset()
+    backend = OScaRBackend(CFG, inner="eager")
+    compiled = torch.compile(model._call_impl, backend=backend)
+
+    def no_grad_call(*args, **kwargs):  # how oscar.compile installs its compiled call (without Inductor here)
+        with torch.no_grad():
+            return compiled(*args, **kwargs)
+
+    model._compiled_call_impl = no_grad_call
+    ids = prompt()
+    got = model.generate(ids, max_new_tokens=6, **GREEDY)
+    assert torch.equal(got, oscar_reference(model, ids, 45, max_new_tokens=6))
+    assert backend.report.graphs == 2 and backend.report.rewritten == 2  # prefill and decode, both ours
+    assert len(backend.report.caches) == 2  # one entry per cache layer
+
+
 # ---------------------------------------------------------------------------------------------------
 # rows 5 and 14: the cache transformers would build (or not) decides
 
