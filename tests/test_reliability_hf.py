@@ -249,6 +249,21 @@ def test_models_without_oscar_support_are_left_untouched_and_reported(arch):
     assert_same_generation(model.generate(ids, **kwargs), plain.generate(ids, **kwargs))
 
 
+@pytest.mark.parametrize("arch", ["bloom", "t5"])
+def test_oscar_compile_reports_why_a_model_keeps_transformers_caches(arch):
+    config_cls, model_cls, kwargs, why = UNSUPPORTED[arch]
+    torch.manual_seed(0)
+    plain = model_cls(config_cls(**kwargs)).eval()
+    model = oscar.compile(copy.deepcopy(plain), CFG, disable=True)  # the hf route only, no tracing
+    assert [(name, reason) for name, reason in model.oscar_report.skipped] == [
+        (f"{model_cls.__name__} (OScaRCache)", hf_unsupported_reason(plain, CFG))
+    ]
+    assert model.config._attn_implementation == plain.config._attn_implementation and "generate" not in vars(model)
+    ids = prompt(12)
+    kwargs = dict(max_new_tokens=6, output_logits=True, return_dict_in_generate=True, **GREEDY)
+    assert_same_generation(model.generate(ids, **kwargs), plain.generate(ids, **kwargs))
+
+
 def test_supported_and_unsupported_by_general_rules():
     assert hf_unsupported_reason(tiny()) is None
     assert hf_unsupported_reason(tiny(tf.MistralConfig, tf.MistralForCausalLM, sliding_window=48)) is None
