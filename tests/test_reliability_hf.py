@@ -156,18 +156,16 @@ def _plain_and_hooked(**overrides):
     return plain, hooked
 
 
-def _no_oscar_layer_updates(monkeypatch):
-    calls = []
-    monkeypatch.setattr(OScaRCache, "update", lambda self, *a, **k: calls.append(1) or Cache_update(self, *a, **k))
+def _oscar_cache_updates(monkeypatch):
+    """A list that grows at every ``OScaRCache.update`` (a forward writing into an OScaR cache)."""
+    calls, update = [], OScaRCache.update
+    monkeypatch.setattr(OScaRCache, "update", lambda self, *a, **k: calls.append(1) or update(self, *a, **k))
     return calls
-
-
-Cache_update = tf.cache_utils.Cache.update
 
 
 def test_use_cache_false_argument_uses_no_cache(monkeypatch):
     plain, hooked = _plain_and_hooked()
-    calls = _no_oscar_layer_updates(monkeypatch)
+    calls = _oscar_cache_updates(monkeypatch)
     ids = prompt()
     kwargs = dict(max_new_tokens=8, use_cache=False, output_logits=True, return_dict_in_generate=True, **GREEDY)
     assert_same_generation(hooked.generate(ids, **kwargs), plain.generate(ids, **kwargs))
@@ -176,7 +174,7 @@ def test_use_cache_false_argument_uses_no_cache(monkeypatch):
 
 def test_model_config_use_cache_false_uses_no_cache(monkeypatch):
     plain, hooked = _plain_and_hooked(use_cache=False)
-    calls = _no_oscar_layer_updates(monkeypatch)
+    calls = _oscar_cache_updates(monkeypatch)
     ids = prompt()
     kwargs = dict(max_new_tokens=8, output_logits=True, return_dict_in_generate=True, **GREEDY)
     want = plain.generate(ids, **kwargs)
