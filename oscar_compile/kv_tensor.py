@@ -110,7 +110,11 @@ class KVView(NamedTuple):
 
     ``n_rep`` > 1: GQA-expanded (``repeat_kv``); ``five_d``: the intermediate ``[B, Hkv, n_rep, T, D]``
     of ``repeat_kv``; ``start``/``stop``: token range along dim 2 (``k[:, :, a:b]``); ``squeeze``: the
-    token dim is indexed away (``k[:, :, i]``, ``stop == start + 1``): the shape lacks it.
+    token dim is indexed away (``k[:, :, i]``, ``stop == start + 1``): the shape lacks it; ``transposed``:
+    the halves stand in for a ``[B, S, Hkv, D]`` buffer (Meta's reference Llama layout; shape
+    ``[B, T, Hkv, D]``), a read-only stand-in: every op on it reads the dequantized contents and in-place
+    ops raise (a write through a slice of it lands in that copy); the graph pass replaces the model's writes
+    and attention on it by ``cache_step``.
     """
 
     n_rep: int
@@ -118,6 +122,7 @@ class KVView(NamedTuple):
     start: int
     stop: int
     squeeze: bool = False
+    transposed: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,6 +187,7 @@ class _OScaRHalf(TorchAOBaseTensor):
         t = view.stop - view.start
         shape = (b, hkv, view.n_rep, t, d) if view.five_d else (b, hkv * view.n_rep, t, d)
         shape = shape[:-2] + shape[-1:] if view.squeeze else shape
+        shape = (shape[0], shape[2], shape[1], shape[3]) if view.transposed else shape
         self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=residual.dtype, device=residual.device)
         for name, value in zip(cls.tensor_data_names, tensors):
             setattr(self, name, value)
@@ -211,7 +217,7 @@ class _OScaRHalf(TorchAOBaseTensor):
 
     @property
     def is_root(self) -> bool:
-        return self.view == KVView(1, False, 0, self.seq_len)
+        return self.view._replace(transposed=False) == KVView(1, False, 0, self.seq_len)
 
     def _with_view(self, view: KVView, **changes):
         tensors = [getattr(self, n) for n in self.tensor_data_names]
@@ -249,6 +255,8 @@ class _OScaRHalf(TorchAOBaseTensor):
         """
         if self.view.squeeze:  # k[:, :, i]: the one-token slice without its token dim
             return self._with_view(self.view._replace(squeeze=False)).dequantize(dtype).squeeze(-2)
+        if self.view.transposed:  # a [B, S, Hkv, D] buffer's stand-in
+            return self._with_view(self.view._replace(transposed=False)).dequantize(dtype).transpose(1, 2).contiguous()
         dtype = dtype or self.dtype
         m, cap, r = self.seq_len, self._max_len(), self.residual_length
         residual = getattr(self, self._residual_name)
@@ -280,6 +288,8 @@ class _OScaRHalf(TorchAOBaseTensor):
     def __torch_dispatch__(cls, func, types, args, kwargs=None):
         kwargs = kwargs or {}
         table = cls._ATEN_OP_TABLE.get(cls, {})
+        if any(isinstance(a, _OScaRHalf) and a.view.transposed for a in args) and not _keeps_transposed(func, args):
+            return _transposed_op(func, args, kwargs)
         if func in table:
             return table[func](func, types, args, kwargs)
         return _fallback(func, args, kwargs)
@@ -357,12 +367,14 @@ def new_kv_cache(
     window: Optional[int] = None,
     *,
     exact_len: bool = False,
+    transposed: bool = False,
 ) -> tuple[OScaRKeyCache, OScaRValueCache]:
     """Allocate one layer's empty cache as ``(keys, values)`` halves.
 
     The state holds ``max_len`` rounded up to a multiple of ``config.residual_length`` token slots; the
     halves' logical length (``shape[2]``) is that rounded length, or ``max_len`` itself with
     ``exact_len=True`` (a stand-in for a ``[B, Hkv, max_len, D]`` buffer the model indexes by position).
+    ``transposed=True``: the halves stand in for a ``[B, max_len, Hkv, D]`` buffer (``KVView.transposed``).
     ``window``: sliding-window size of the layer (None for full attention). Key flags start at
     ``config.initial_key_flags``; with "auto" the halves decide them at their first attended step (module
     docstring).
@@ -375,7 +387,8 @@ def new_kv_cache(
     c = allocate_cache(batch, kv_heads, m, head_dim, fmt, dtype, device, rotate0, scale0)
     offsets = torch.zeros(batch, dtype=torch.int32, device=device)
     decision = (config.rotate_keys, config.token_scaling) if config.adaptive_keys else None
-    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, decision, False, length, KVView(1, False, 0, length)]
+    view = KVView(1, False, 0, length, False, bool(transposed))
+    attrs = [fmt.bits, fmt.group_size, r, fmt.rotate_values, window, decision, False, length, view]
     keys = OScaRKeyCache(
         c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.residual_keys, c.key_rotated, c.key_scaled,
         c.lengths, offsets, *attrs,
@@ -411,6 +424,27 @@ def kv_cache_from_hp(
 def layer_nbytes(keys: OScaRKeyCache, values: OScaRValueCache) -> int:
     """Exact bytes of one layer's OScaR state (both halves)."""
     return keys.nbytes_quantized() + values.nbytes_quantized()
+
+
+# ops that keep a transposed view (``KVView.transposed``) a cache; every other op on one goes to
+# _transposed_op
+_TRANSPOSED_OPS = {aten.alias.default, aten.detach.default, aten.clone.default, aten._to_copy.default}
+
+
+def _keeps_transposed(func, args) -> bool:
+    # copy_ between two caches (AOTAutograd's write-back of a mutated cache input) copies the state
+    return func in _TRANSPOSED_OPS or (func is aten.copy_.default and isinstance(args[1], _HALVES))
+
+
+def _transposed_op(func, args, kwargs):
+    """An op on a transposed view: a read of the dequantized ``[B, S, Hkv, D]`` contents. An in-place op only
+    during Dynamo's shape propagation (the graph pass replaces the model's writes), where it returns its
+    target; anywhere else it raises like every unsupported in-place op."""
+    halves = [x for x in args if isinstance(x, _HALVES)]
+    shapes_only = any(type(getattr(x, x._residual_name)) is torch._subclasses.FakeTensor for x in halves)
+    if func._schema.is_mutable and shapes_only and isinstance(args[0], _HALVES):
+        return args[0]
+    return _fallback(func, args, kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -701,7 +735,8 @@ def _(func, types, args, kwargs):
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
     bound = dict(zip(names, args), **kwargs)
     key, value = bound["key"], bound["value"]
-    if isinstance(key, OScaRKeyCache) and isinstance(value, OScaRValueCache) and not bound.get("dropout_p"):
+    if (isinstance(key, OScaRKeyCache) and isinstance(value, OScaRValueCache) and not bound.get("dropout_p")
+            and not (key.view.transposed or value.view.transposed)):  # fmt: skip
         return ops.sdpa(bound["query"], key, value, bound.get("attn_mask"), scale=bound.get("scale"), is_causal=True)
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)

@@ -41,10 +41,10 @@ from torch._dynamo.utils import counters
 from ..config import AUTO
 from ..kernels.key_transform import FALLBACK_FLAGS
 from ..kv_tensor import OScaRKeyCache, OScaRValueCache, cache_tensors, is_oscar_cache, layer_nbytes, new_kv_cache
-from .cache_trace import layer_index
-from .graph import op_name, shape_of
+from .cache_trace import layer_index, root
+from .graph import clean_path, meta_val, mutations, op_name, shape_of, source_name
 from .report import OScaRReport, SiteRecord
-from .sites import Site, find_attention_nodes, match_attention
+from .sites import Prober, Site, find_attention_nodes, match_attention
 
 __all__ = ["CacheRegistry", "CacheSwap", "cache_step", "rewrite_graph", "site_name", "sync_positions"]
 
@@ -53,11 +53,13 @@ __all__ = ["CacheRegistry", "CacheSwap", "cache_step", "rewrite_graph", "site_na
 # the step every rewritten attention runs
 
 
-def sync_positions(keys: OScaRKeyCache, values: OScaRValueCache, position, from_zero: bool) -> None:
+def sync_positions(keys: OScaRKeyCache, values: OScaRValueCache, position, from_zero: bool, aligned=()) -> None:
     """Start a new sequence on a write at position 0, then check the write appends at the stored length.
 
-    position: int positions ``[T]`` or ``[B, T]``, or the int start of a slice write. Device-side only (no
-    host sync): a write elsewhere than the stored length, or past the cache's ``max_len``, fails an assert.
+    position: int positions ``[T]`` or ``[B, T]``, or the start (int) of a slice write. ``aligned``: position
+    inputs the mask was checked with (tensors of ``n`` positions, which must be ``start + arange(n)``, or
+    ints / 0-d tensors equal to ``start``). Device-side only (no host sync): a write elsewhere than the stored
+    length, past the cache's ``max_len``, or a mask position input out of step with the write, fails an assert.
     """
     lengths = keys.lengths  # [B] int32
     if isinstance(position, torch.Tensor):
@@ -76,6 +78,17 @@ def sync_positions(keys: OScaRKeyCache, values: OScaRValueCache, position, from_
         ok = ok & torch.all(start == 0)
     torch._assert_async(ok, "oscar_compile: KV cache written out of order (OScaR caches append at the stored length)")
     torch._assert_async(torch.all(last < keys.max_len), "oscar_compile: KV cache overflow (write past max_len)")
+    if aligned:
+        same = torch.ones((), dtype=torch.bool, device=lengths.device)
+        for a in aligned:
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                a = a.to(device=start.device, dtype=torch.int64)
+                n = torch.arange(a.shape[-1], device=start.device, dtype=torch.int64)
+                same = same & torch.all(a == start[:, None] + n)
+            else:
+                same = same & torch.all(start == a)
+        torch._assert_async(same, "oscar_compile: the positions the attention mask was built from differ from the "
+                                  "positions the KV cache is written at")  # fmt: skip
     lengths.copy_(synced.to(lengths.dtype))
     values.lengths.copy_(lengths)
 
@@ -93,17 +106,21 @@ def cache_step(
     first: bool,
     last: bool,
     from_zero: bool,
+    window: int | None = None,
+    aligned: tuple = (),
 ) -> torch.Tensor:
     """One rewritten attention: ``query`` ``[B, Hq, T, D]`` over the stored cache plus ``new_*`` ``[B, Hkv, T, D]``.
 
-    ``first``: the step's first reader of this cache (syncs positions, decides "auto" key flags); ``last``:
-    its last reader (appends the new tokens after attending). Returns ``[B, Hq, T, D]`` in the query's dtype.
+    ``first``: the step's first reader of this cache (syncs positions, decides "auto" key flags, checks
+    ``aligned``: see :func:`sync_positions`); ``last``: its last reader (appends the new tokens after
+    attending). ``window``: a sliding window (a query at position ``p`` sees keys ``> p - window``), None for
+    causal attention. Returns ``[B, Hq, T, D]`` in the query's dtype.
     """
     from .. import ops
 
     fmt = keys.fmt
     if first:
-        sync_positions(keys, values, position, from_zero)
+        sync_positions(keys, values, position, from_zero, aligned)
         if keys.key_decision is not None:  # "auto": kept only while the layer holds no token
             t = new_keys.shape[2]
             if isinstance(t, int) and t < fmt.group_size:  # what the choice gives for so few keys
@@ -113,8 +130,8 @@ def cache_step(
             ops.refresh_key_flags(keys.key_rotated, keys.key_scaled, keys.lengths, rotated, scaled)
     cache = cache_tensors(keys, values)
     if not last:
-        return ops.attention(query, cache, fmt, new_keys, new_values, scale=scale, softcap=softcap)
-    out = ops.attend_append(query, cache, fmt, new_keys, new_values, scale=scale, softcap=softcap)
+        return ops.attention(query, cache, fmt, new_keys, new_values, scale=scale, softcap=softcap, window=window)
+    out = ops.attend_append(query, cache, fmt, new_keys, new_values, scale=scale, softcap=softcap, window=window)
     values.lengths.copy_(keys.lengths)
     return out
 
@@ -197,13 +214,18 @@ class CacheRegistry:
             if self.untouched_reason(tensor, index) is None:
                 self._pinned[(id(tensor), index)] = (weakref.ref(tensor), reason)
 
-    def replace(self, key: torch.Tensor, value: torch.Tensor, name: str) -> ReplacedCache:
-        """Allocate the OScaR halves standing in for ``key``/``value`` ``[B, Hkv, S, D]`` (same logical shape)."""
+    def replace(self, key: torch.Tensor, value: torch.Tensor, name: str, layout: str = "bhsd") -> ReplacedCache:
+        """Allocate the OScaR halves standing in for ``key``/``value`` (same shape: ``[B, Hkv, S, D]``, or
+        ``[B, S, Hkv, D]`` for ``layout="bshd"``, a transposed view of the halves)."""
         state = self.replaced(key)
         if state is not None:
             return state
-        b, hkv, length, d = key.shape
-        halves = new_kv_cache(b, hkv, length, d, self.config, key.dtype, key.device, exact_len=True)
+        if layout == "bshd":
+            b, length, hkv, d = key.shape
+        else:
+            b, hkv, length, d = key.shape
+        extra = {"transposed": True} if layout == "bshd" else {}
+        halves = new_kv_cache(b, hkv, length, d, self.config, key.dtype, key.device, exact_len=True, **extra)
         for half in halves:  # static addresses: CUDA graphs capture the state in place, no input copies
             torch._dynamo.mark_static_address(half)
             for inner in half.tensor_data_names:
@@ -220,32 +242,19 @@ class CacheRegistry:
 # names
 
 
-def _source_name(source) -> str:
-    name = source.name
-    return name() if callable(name) else name
-
-
-def _clean_path(path: str) -> str:
-    """``L['self']._modules['layers']._modules['0'].k_cache`` -> ``layers.0.k_cache``."""
-    path = re.sub(r"^L\['args'\]\[0\]|^L\['[^']*'\]", "", path)  # the module is `self` or `args[0]`
-    path = re.sub(r"\.(_modules|_buffers|_parameters)\b", "", path)
-    path = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", path)
-    return path.strip(".")
-
-
 def site_name(node: fx.Node) -> str:
     """Stable, readable name of an attention node: its module path (Dynamo's nn_module_stack) and op."""
     stack = node.meta.get("nn_module_stack") or {}
     path = ""
     if stack:
-        path = _clean_path(list(stack.values())[-1][0])
+        path = clean_path(list(stack.values())[-1][0])
     return f"{path or '<top>'}:{op_name(node)}"
 
 
 def _input_name(node: fx.Node, values) -> str:
     src = getattr(node.meta.get("grapharg"), "source", None)
     if src is not None:
-        return _clean_path(_source_name(src))
+        return clean_path(source_name(src))
     return node.name
 
 
@@ -257,20 +266,20 @@ def _owner_swap(node: fx.Node, half: torch.Tensor) -> CacheSwap | str:
     base = getattr(src, "base", None)
     key = getattr(src, "index", None) if hasattr(src, "index") else getattr(src, "member", None)
     if base is None or not isinstance(key, str):
-        return f"cache {node.name} is not a module attribute the pass can replace (source {src and _source_name(src)})"
+        return f"cache {node.name} is not a module attribute the pass can replace (source {src and source_name(src)})"
     tx = InstructionTranslator.current_tx()
     try:
-        owner = eval(_source_name(base), {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307 (Dynamo's own source text)
+        owner = eval(source_name(base), {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307 (Dynamo's own source text)
     except Exception as e:  # a source Dynamo can read but a plain eval cannot (e.g. closures)
         return f"cache {node.name} is not a module attribute the pass can replace ({type(e).__name__}: {e})"
     if isinstance(owner, dict) and hasattr(src, "index"):
         module = None
-        if _source_name(base).endswith("._buffers"):
-            module = eval(_source_name(base)[: -len("._buffers")], {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307
+        if source_name(base).endswith("._buffers"):
+            module = eval(source_name(base)[: -len("._buffers")], {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307
         return CacheSwap(owner, key, half, module if isinstance(module, torch.nn.Module) else None)
     if hasattr(src, "member") and not isinstance(owner, dict):
         return CacheSwap(owner, key, half)
-    return f"cache {node.name} is not a module attribute the pass can replace (source {_source_name(src)})"
+    return f"cache {node.name} is not a module attribute the pass can replace (source {source_name(src)})"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,15 +300,16 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: CacheRegistry, r
 
     groups: dict[tuple, list[Site]] = {}
     seen: Counter = Counter()
+    prober = Prober(graph, values)  # one graph's mask/position probes, shared by its sites
     for node in find_attention_nodes(graph):
         name = site_name(node)
         seen[name] += 1
         if seen[name] > 1:  # several attentions in one module (e.g. a loop): number them in graph order
             name = f"{name}#{seen[name] - 1}"
-        site = match_attention(node, values, cfg.group_size)
+        site = match_attention(node, values, cfg.group_size, prober=prober)
         if isinstance(site, str):
             counters["oscar"]["sites_skipped"] += 1
-            report.add_skipped(name, site)
+            _add_skipped(report, name, site)
             _mark_reads(node, values, registry, site)
             continue
         site.name = name
@@ -326,7 +336,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: CacheRegistry, r
             )
         if why:
             for s in sites:
-                report.add_skipped(s.name, why)
+                _add_skipped(report, s.name, why)
             counters["oscar"]["sites_skipped"] += len(sites)
             if not grad:
                 registry.mark_untouched(values.get(kc), why, ki)
@@ -348,11 +358,11 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: CacheRegistry, r
                     reason = "a layer of a stacked [L, B, H, S, D] cache buffer (OScaR state replaces whole per-layer caches)"
                 if reason is not None:
                     for s in sites:
-                        report.add_skipped(s.name, reason)
+                        _add_skipped(report, s.name, reason)
                     registry.mark_untouched(values[kc], reason, ki)
                     registry.mark_untouched(values[vc], reason, vi)
                     continue
-                state = registry.replace(values[kc], values[vc], name)
+                state = registry.replace(values[kc], values[vc], name, sites[0].layout)
                 k_swap.half, v_swap.half = state.keys, state.values
                 swaps += [k_swap, v_swap]
             k_half, v_half, bf16 = state.keys, state.values, state.bf16_bytes
@@ -398,14 +408,30 @@ def _rewrite_group(graph: fx.Graph, sites: list[Site], k_node: fx.Node, v_node: 
     order = {n: i for i, n in enumerate(graph.nodes)}
     sites = sorted(sites, key=lambda s: order[s.out])
     kw, vw = sites[0].key_write, sites[0].value_write
-    from_zero = any(s.mask_kind == "causal" for s in sites)
+    from_zero = any(s.from_zero for s in sites)
+    aligned = tuple(dict.fromkeys(g for s in sites for g in s.guards))
+    position = kw.position
+    written = mutations(graph)
+    with graph.inserting_before(kw.node):
+        if isinstance(position, fx.Node) and isinstance(meta_val(position), torch.Tensor) and root(position) in written:
+            # positions read from a buffer the graph modifies later (a position counter): keep the values the
+            # write used, not what a view of the buffer holds when the attention runs
+            position = graph.call_method("clone", (position,))
+    new = []
+    for w in (kw, vw):
+        x = w.new
+        if w.new_perm is not None:  # a [B, T, H, D] write: the step's tokens as [B, Hkv, T, D]
+            with graph.inserting_before(sites[0].out):
+                x = graph.call_method("permute", (x, *w.new_perm))
+        new.append(x)
     for i, s in enumerate(sites):
         with graph.inserting_before(s.out):
             att = graph.call_function(
                 cache_step,
-                (s.query, k_node, v_node, kw.new, vw.new, kw.position),
-                dict(scale=s.scale, softcap=s.softcap, first=i == 0, last=i == len(sites) - 1, from_zero=from_zero),
-            )
+                (s.query, k_node, v_node, new[0], new[1], position),
+                dict(scale=s.scale, softcap=s.softcap, first=i == 0, last=i == len(sites) - 1, from_zero=from_zero,
+                     window=s.window, aligned=aligned if i == 0 else ()),
+            )  # fmt: skip
             query_dtype = getattr(s.query.meta.get("example_value", s.query.meta.get("val")), "dtype", s.out_dtype)
             if s.out_dtype is not None and s.out_dtype != query_dtype:
                 att = graph.call_method("to", (att, s.out_dtype))
@@ -519,6 +545,14 @@ def _mark_reads(node, values, registry, reason):
                     f"held as OScaR state, but cannot be rewritten here: {reason}"
                 )
             registry.mark_untouched(tensor, reason, t.index)
+
+
+def _add_skipped(report: OScaRReport, name: str, reason: str) -> None:
+    """One report line per site and cause: reasons that differ only in numbers (the probe that disagreed, in
+    another graph of the same model) are the same cause."""
+    stem = re.sub(r"\d+", "#", reason)
+    if not any(n == name and re.sub(r"\d+", "#", r) == stem for n, r in report.skipped):
+        report.add_skipped(name, reason)
 
 
 def _check_group(sites: list[Site], registry: CacheRegistry, values) -> str | None:

@@ -19,22 +19,34 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .cache_trace import CacheWrite, Trace, between, find_cache_writes, root, trace_cache
+from ..kernels.cache_layout import CacheFormat, check_triton_format
+from .cache_trace import PHYSICAL, CacheWrite, Trace, between, find_cache_writes, root, trace_cache
 from .graph import (
     LAYOUT_OPS,
     MATMUL_NAMES,
     NEG_INF,
     SDPA_NAMES,
     SOFTMAX_NAMES,
+    Evaluator,
+    NotEvaluable,
     arg,
     graph_input,
+    input_label,
+    is_argument,
     is_const,
+    is_inplace,
     meta_val,
+    mutations,
     op_name,
     shape_of,
+    size_symbol,
+    sym_hint,
 )
 
-__all__ = ["Site", "CacheWrite", "op_name", "find_attention_nodes", "match_attention", "find_cache_writes"]
+__all__ = [
+    "Site", "CacheWrite", "MaskCheck", "Prober", "op_name", "find_attention_nodes", "match_attention",
+    "find_cache_writes", "device_precondition",
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,12 +70,17 @@ class Site:
     head_dim: int
     scale: float
     softcap: float | None  # tanh logit softcap (decomposed attention), None when absent
-    mask_kind: str  # "causal" (is_causal), "causal-position" (tril buffer at the write positions)
+    mask_kind: str  # "causal" (is_causal), "causal-position" (tril buffer at the write positions), or what the
+    # probes found: "causal (evaluated)", "sliding window W (evaluated)", "... from position 0"
     cache_attrs: tuple = (None, None)  # module attribute paths of key/value cache, when known
     key_index: int | None = None  # layer of a stacked [L, B, H, S, D] key buffer (key_cache[i]), else None
     value_index: int | None = None
     removable: set = field(default_factory=set)  # nodes of the attention/read chains (erased on rewrite)
     out_dtype: torch.dtype | None = None
+    window: int | None = None  # sliding window: a query at position p sees keys > p - window; None: causal
+    from_zero: bool = False  # exact only for steps written from position 0 (prefill): asserted at run time
+    guards: tuple = ()  # position inputs the mask reads that the write does not: asserted equal at run time
+    layout: str = "bhsd"  # the cache buffers' layout: "bhsd" [B, H, S, D] or "bshd" [B, S, H, D]
 
     @property
     def write_op(self) -> str | None:
@@ -285,11 +302,354 @@ def _classify_mask(mask, mask_op, is_causal, position, values: dict, check_value
     return f"attention mask from {op_name(m) or getattr(m, 'name', m)} is not a recognized causal mask"
 
 
-def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_values: bool = True) -> Site | str:
+# ---------------------------------------------------------------------------------------------------
+# semantic checks: what the mask, the read extent and the write positions compute, by evaluation
+
+# an additive mask entry at or below this is a masked key (exp underflows to 0 against any real score)
+MASKED_BELOW = -1e4
+
+
+class _Missing(str):
+    """A probe's disagreement that is only keys missing (hidden by a prefix read, or the query's own key
+    masked): what a prefill-only form shows at starts > 0."""
+
+
+@dataclass
+class MaskCheck:
+    """What the probes found: the attention is causal (``window`` None) or a sliding window over the cache."""
+
+    window: int | None
+    from_zero: bool  # agreed only at start 0: a prefill-only form (the rewrite asserts the start)
+    guards: tuple  # position inputs read by the mask / read extent but not by the write (asserted equal)
+    starts: tuple  # probe starts that agreed
+
+    @property
+    def kind(self) -> str:
+        what = "causal" if self.window is None else f"sliding window {self.window}"
+        return f"{what} (evaluated{', from position 0' if self.from_zero else ''})"
+
+
+class Prober:
+    """Decides what one graph's masks, read extents and write positions compute, by evaluating them.
+
+    The subgraph computing a mask (and the ends of prefix reads of the cache) from graph inputs is run on
+    concrete probes: every *position input* (an integer tensor argument of the call or integer buffer the
+    graph modifies, such as a position counter, of at most 2 dims; or an int argument that Dynamo made
+    symbolic) is set from one probe start ``s`` (``arange(s, s + n)`` for a tensor of ``n`` positions, ``s``
+    for a scalar), constant inputs (buffers the graph never writes, parameters, constants) keep their values.
+    For each probe the write positions ``p`` are evaluated too, and the keys each query may attend (mask,
+    ``is_causal``, prefix read) must be exactly ``(p - window, p]`` (``window`` None: ``[0, p]``).
+
+    Probes: starts 0, 1, 2, the middle and the last two that fit the step's ``T`` tokens, plus starts
+    around a window once one is seen. When only start 0 agrees the form is prefill-only (``from_zero``).
+    A position input the mask reads but the write does not (e.g. the model's ``pos`` argument when the write
+    uses its own counter buffer) is a *guard*: the rewrite asserts at run time that it equals the probe form
+    at the write's start.
+    """
+
+    def __init__(self, graph: fx.Graph, values: dict):
+        self.graph = graph
+        self.values = values
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.first_write = mutations(graph)
+        self.evaluator = Evaluator(graph, self._leaf)
+        self.memo = {}
+        self._clone = False
+
+    # -- inputs ---------------------------------------------------------------------------------------
+    def kind(self, leaf) -> str:
+        """``"position"``, ``"size"`` (a SymInt standing for a tensor size), ``"static"`` or ``"opaque"``."""
+        v = meta_val(leaf)
+        if isinstance(v, torch.SymInt):
+            return "size" if size_symbol(leaf) else "position"
+        if leaf.op == "get_attr":
+            return "static"
+        if not isinstance(v, torch.Tensor):
+            return "opaque"
+        if leaf not in self.first_write and not is_argument(leaf):
+            return "static"
+        if not v.is_floating_point() and not v.is_complex() and v.dtype is not torch.bool and v.dim() <= 2:
+            return "position"
+        return "opaque"
+
+    def _leaf(self, node):
+        kind = self.kind(node)
+        if kind != "static":
+            raise NotEvaluable(f"it depends on the values of {input_label(node)}")
+        if node.op == "get_attr":
+            value = node.graph.owning_module
+            for part in node.target.split("."):
+                value = getattr(value, part, None)
+        else:
+            value = self.values.get(node)
+        if (not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor) or value.is_meta
+                or type(value) not in (torch.Tensor, torch.nn.Parameter)):  # fmt: skip
+            raise NotEvaluable(f"{input_label(node)} has no value to evaluate")
+        return value.clone() if self._clone else value
+
+    def _param(self, leaf, start: int):
+        """The probe value of position input ``leaf`` for a step starting at ``start``."""
+        v = meta_val(leaf)
+        if isinstance(v, torch.SymInt):
+            return start
+        if v.dim() == 0:
+            return torch.tensor(start, dtype=v.dtype, device=v.device)
+        n = sym_hint(v.shape[-1])
+        r = torch.arange(start, start + n, dtype=v.dtype, device=v.device)
+        return r if v.dim() == 1 else r.expand(sym_hint(v.shape[0]), n).contiguous()
+
+    def _check_order(self, nodes, consumer) -> None:
+        """Inputs the graph modifies in place must be read before their first modification."""
+        for leaf in [n for n in nodes if n in self.first_write]:
+            limit = self.order[self.first_write[leaf]]
+            aliases, stack = {leaf}, [leaf]
+            while stack:  # views of it
+                for u in stack.pop().users:
+                    if u.args and u.args[0] in aliases and op_name(u) in LAYOUT_OPS | {"getitem", "slice", "view",
+                            "reshape", "narrow", "select", "transpose", "permute", "unsqueeze", "expand"} and u not in aliases:  # fmt: skip
+                        aliases.add(u)
+                        stack.append(u)
+            readers = [n for n in list(nodes) + ([consumer] if consumer is not None else []) if n not in (None, leaf)]
+            for n in readers:
+                if any(i in aliases for i in n.all_input_nodes) and self.order[n] > limit:
+                    raise NotEvaluable(
+                        f"{n.name} reads {input_label(leaf)} after {self.first_write[leaf].name} modifies it in place"
+                    )
+
+    # -- the check ------------------------------------------------------------------------------------
+    def check(self, *, mask, mask_op, is_causal, ends, writes, t, length) -> MaskCheck | str:
+        """Probe one site: ``mask`` (node or None) applied as ``mask_op`` (``"bool"``: True attends; ``"add"``:
+        additive; ``"masked_fill"``: True is masked; ``"where"``: True attends), ``ends`` the stops of prefix
+        reads of the cache, ``writes`` the key and value :class:`CacheWrite`, ``t`` the step's tokens,
+        ``length`` the cache's sequence length. Returns a :class:`MaskCheck` or a reason."""
+        key = (mask, mask_op, bool(is_causal), tuple(ends), tuple(w.node for w in writes), t, length)
+        if key not in self.memo:
+            self.memo[key] = self._check(mask, mask_op, is_causal, list(ends), writes, t, length)
+        return self.memo[key]
+
+    def _check(self, mask, mask_op, is_causal, ends, writes, t, length):
+        what = f"the mask ({mask.name})" if isinstance(mask, fx.Node) else (
+            "is_causal attention" if is_causal else "attention without a mask")  # fmt: skip
+        pos_out = [x for w in writes for x in (w.position, w.stop, w.length)]
+        dep_out = [mask, *ends]
+        try:
+            pos_nodes = self.evaluator.ancestors(pos_out)
+            dep_nodes = self.evaluator.ancestors(dep_out)
+            for w in writes:
+                self._check_order(self.evaluator.ancestors([w.position, w.stop, w.length]), w.node)
+            self._check_order(dep_nodes, None)
+            inputs = [n for n in pos_nodes + dep_nodes if graph_input(n)]
+            for n in inputs:
+                if self.kind(n) == "opaque":
+                    raise NotEvaluable(f"it depends on the values of {input_label(n)}")
+            pos_leaves = [n for n in pos_nodes if graph_input(n) and self.kind(n) == "position"]
+            guards = [n for n in dep_nodes if graph_input(n) and self.kind(n) == "position" and n not in pos_leaves]
+            for g in guards:
+                if g in self.first_write:
+                    raise NotEvaluable(f"it reads {input_label(g)}, which this graph modifies and the write does not read")
+            self._clone = any(is_inplace(n) for n in pos_nodes + dep_nodes)
+        except NotEvaluable as e:
+            return f"{what} cannot be checked by evaluation: {e}"
+
+        probe = lambda s: self._probe(s, what, mask, mask_op, is_causal, ends, writes, t, length, pos_leaves, guards)  # noqa: E731
+        if pos_leaves:
+            starts = sorted({0, 1, 2, length // 2 - t // 2, length - t - 1, length - t} & set(range(length - t + 1)))
+        else:
+            starts = [None]  # the write positions are constants of this graph: one probe at them
+        first = probe(starts[0])
+        if isinstance(first, str):
+            return first
+        rows, agreed, fails = [first], [first[2]], []
+        for s in starts[1:]:
+            r = probe(s)
+            if isinstance(r, str):
+                fails.append(r)
+            elif r is not None:
+                rows.append(r)
+                agreed.append(r[2])
+        # agreeing at start 0 alone, and elsewhere only missing the stored keys, is a prefill-only form (e.g.
+        # is_causal over the step's own keys); one token at start 0 sees one key, which proves nothing
+        from_zero = bool(fails) and len(rows) == 1 and starts[0] == 0 and t > 1
+        from_zero = from_zero and all(isinstance(f, _Missing) for f in fails)
+        if fails and not from_zero:
+            return str(fails[0])
+        window = self._window(rows, what, t)
+        if isinstance(window, str):
+            return window
+        if window is not None and pos_leaves and not from_zero:  # look closely around the window's edge
+            for s in sorted({window - t, window - 1, window, window + 1, window + t} & set(range(length - t + 1))):
+                if s in starts:
+                    continue
+                r = probe(s)
+                if isinstance(r, str):
+                    return r
+                if r is not None:
+                    rows.append(r)
+                    agreed.append(r[2])
+            window = self._window(rows, what, t)
+            if isinstance(window, str):
+                return window
+        return MaskCheck(window, from_zero, tuple(guards), tuple(agreed))
+
+    def _probe(self, s, what, mask, mask_op, is_causal, ends, writes, t, length, pos_leaves, guards):
+        """``(positions, first attended key, start)`` per query row of probe ``s``; None when the probe does
+        not fit the cache; a reason when the site disagrees."""
+        env = {leaf: self._param(leaf, s) for leaf in pos_leaves}
+        where = f"probe start={s}, T={t}"
+        try:
+            positions = []
+            for w in writes:
+                p = self._positions(w, t, length, env)
+                if isinstance(p, str):
+                    return f"{w.op} write at {w.node.name}: {p} ({where})"
+                positions.append(p)
+            p = positions[0]
+            if any(q.shape != p.shape or not torch.equal(q, p) for q in positions[1:]):
+                return f"keys and values are written at different positions ({where})"
+            if int(p.min()) < 0 or int(p.max()) >= length:
+                if s is not None:
+                    return None
+                return f"write positions {p[0].tolist()} fall outside the cache of {length} ({where})"
+            start = int(p[0, 0])
+            where = f"probe start={start}, T={t}"
+            env.update({g: self._param(g, start) for g in guards})
+            mask_v, *end_vs = self.evaluator.run([mask, *ends], env)
+        except NotEvaluable as e:
+            return f"{what} cannot be evaluated at {where}: {e}"
+        sk = min([length] + [int(e) for e in end_vs if e is not None])
+        keep = self._keep(mask_v, mask_op, is_causal, t, sk)
+        if isinstance(keep, str):
+            return f"{what}: {keep} ({where})"
+        rows = self._rows(keep, p, sk)
+        if isinstance(rows, str):
+            why = f"{what} disagrees with causal attention at {where}: {rows}"
+            return _Missing(why) if isinstance(rows, _Missing) else why
+        return rows[0], rows[1], start
+
+    def _positions(self, w, t, length, env):
+        """Positions ``[Bp, T]`` (int64) a write stores the step's tokens at, or a reason."""
+        pos, stop, n = self.evaluator.run([w.position, w.stop, w.length], env)
+        if isinstance(pos, torch.Tensor):
+            p = pos.to(torch.int64)
+            p = p.reshape(1, -1) if p.dim() <= 1 else p.reshape(p.shape[0], -1)
+            if p.shape[1] != t:
+                return f"{p.shape[1]} positions for the step's {t} tokens"
+        else:
+            start = int(pos)
+            span = min(stop, length) - start if stop is not None else (n if n is not None else length - start)
+            if span is not None and span != t:
+                return f"the slice [{start}:{start + span}] does not hold the step's {t} tokens"
+            p = torch.arange(start, start + t, dtype=torch.int64)[None]
+        if not torch.equal(p, p[:, :1] + torch.arange(t, device=p.device)):
+            return f"positions {p[0].tolist()} are not consecutive"
+        return p.cpu()
+
+    @staticmethod
+    def _keep(m, mask_op, is_causal, t, sk):
+        """Bool ``[Bm, Hm, t, sk]``: which keys each query attends, or a reason."""
+        if m is None:
+            keep = torch.ones(1, 1, t, sk, dtype=torch.bool)
+        else:
+            if not isinstance(m, torch.Tensor) or m.dim() > 4:
+                return f"a mask of {type(m).__name__} {getattr(m, 'shape', '')} is not a [.., T, keys] tensor"
+            m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)).cpu()
+            if m.shape[-2] not in (1, t) or m.shape[-1] not in (1, sk):
+                return f"a mask of shape {tuple(m.shape)} does not broadcast to [.., {t}, {sk}] (queries, keys read)"
+            if mask_op in ("masked_fill", "where", "bool"):
+                if m.dtype is not torch.bool:
+                    return f"a {m.dtype} mask used as a boolean one"
+                keep = ~m if mask_op == "masked_fill" else m
+            else:  # additive
+                if m.dtype is torch.bool:
+                    return "a boolean mask added to the scores (a 0/1 bias)"
+                mf = m.float()
+                zero, masked = mf == 0, mf <= MASKED_BELOW
+                bad = ~(zero | masked)
+                if bool(bad.any()):
+                    i = [int(x) for x in bad.nonzero()[0]]
+                    return (f"additive attention bias: {mf[tuple(i)].item():g} for key {i[3]} of query {i[2]} is neither 0 "
+                            "nor -inf (e.g. ALiBi or a relative position bias)")  # fmt: skip
+                keep = zero
+            keep = keep.expand(keep.shape[0], keep.shape[1], t, sk)
+        if is_causal:  # SDPA's is_causal: top-left aligned, query i sees keys <= i
+            keep = keep & torch.ones(t, sk, dtype=torch.bool).tril()
+        return keep
+
+    @staticmethod
+    def _rows(keep, p, sk):
+        """``(positions, first attended key)`` per query row, or how ``keep`` differs from a causal/window mask."""
+        if not bool((keep == keep[:, :1]).all()):
+            return "the mask differs between heads (a per-head bias or mask)"
+        nb = max(keep.shape[0], p.shape[0])
+        if keep.shape[0] not in (1, nb) or p.shape[0] not in (1, nb):
+            return f"mask batch {keep.shape[0]} and write positions batch {p.shape[0]} differ"
+        j = torch.arange(sk)
+        out_p, out_lo = [], []
+        for b in range(nb):
+            kb = keep[b if keep.shape[0] > 1 else 0, 0]
+            pb = p[b if p.shape[0] > 1 else 0]
+            if int(pb.max()) >= sk:
+                i = int((pb >= sk).nonzero()[0])
+                return _Missing(f"the cache is read through a prefix slice [:{sk}] that hides key {int(pb[i])}, "
+                                f"the position of query {i}")  # fmt: skip
+            later = kb & (j[None] > pb[:, None])
+            if bool(later.any()):
+                i, jj = (int(x) for x in later.nonzero()[0])
+                return (f"query {i} (position {int(pb[i])}) may attend key {jj}, a later position (unwritten or "
+                        "future slots would be attended)")  # fmt: skip
+            own = kb[torch.arange(len(pb)), pb]
+            if not bool(own.all()):
+                i = int((~own).nonzero()[0])
+                return _Missing(f"query {i} (position {int(pb[i])}) cannot attend its own key")
+            lo = kb.int().argmax(-1)
+            expect = (j[None] >= lo[:, None]) & (j[None] <= pb[:, None])
+            if not bool((kb == expect).all()):
+                i, jj = (int(x) for x in (kb != expect).nonzero()[0])
+                return (f"query {i} (position {int(pb[i])}) cannot attend key {jj} but attends key {int(lo[i])} before "
+                        "it (not a causal or sliding-window mask)")  # fmt: skip
+            out_p.append(pb)
+            out_lo.append(lo)
+        return torch.cat(out_p), torch.cat(out_lo)
+
+    @staticmethod
+    def _window(rows, what, t):
+        """The sliding window all probes agree on (None: causal), or a reason."""
+        p = torch.cat([r[0] for r in rows])
+        lo = torch.cat([r[1] for r in rows])
+        cut = lo > 0
+        if not bool(cut.any()):
+            return None
+        sizes = sorted({int(x) for x in (p - lo + 1)[cut]})
+        if len(sizes) > 1 or bool(((~cut) & (p + 1 > sizes[0])).any()):
+            return f"{what} attends windows of different sizes {sizes[:4]}, not one sliding window or causal attention"
+        return sizes[0]
+
+
+def device_precondition(head_dim: int, group_size: int, device) -> str | None:
+    """Why the OScaR kernels for ``device`` cannot hold a cache of ``head_dim`` (None when they can).
+
+    CPU caches run the reference path (any multiple of the group size); CUDA caches run the Triton kernels,
+    whose limits :func:`~oscar_compile.kernels.cache_layout.check_triton_format` owns.
+    """
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    try:
+        check_triton_format(CacheFormat(group_size=group_size), head_dim)
+    except ValueError as e:
+        return f"a cache on {device}: {e}"
+    return None
+
+
+def match_attention(
+    node: fx.Node, values: dict, group_size: int = 32, check_values: bool = True, prober: Prober | None = None
+) -> Site | str:
     """Match one attention node; ``values`` maps graph-input nodes to example tensors (for mask checks).
 
-    ``check_values=False`` (report-only passes without real inputs) accepts a position-indexed mask buffer
-    whose contents cannot be read, as mask kind ``"causal-position-unchecked"``; the rewrite never does.
+    The mask is accepted by form when it is one of the exact structural forms (``is_causal``; a
+    lower-triangular buffer indexed by the write positions, checked on its value), else by evaluation
+    (:class:`Prober`; ``prober`` shares one graph's probes between its sites). ``check_values=False``
+    (report-only passes without real inputs) accepts a position-indexed mask buffer whose contents cannot be
+    read, as mask kind ``"causal-position-unchecked"``, and evaluates nothing; the rewrite never does.
     """
     name = op_name(node)
     if name in SDPA_NAMES:
@@ -319,9 +679,14 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
                 "replaced by a preallocated OScaR cache (use a static buffer written with index_copy_/index_put_)"
             )
         if not graph_input(t.source):
+            derived = _derived_from_cache(t.source, which)
+            if derived:
+                return derived
             return f"{which} is computed in this graph ({op_name(t.source)} at {t.source.name}), not read from a cache input"
     if kt.source is vt.source and kt.index == vt.index:
         return "key and value read the same tensor"
+    if kt.layout != vt.layout:
+        return f"key cache laid out {kt.layout}, value cache {vt.layout}"
     qs, ks, vs = shape_of(q), shape_of(kt.source), shape_of(vt.source)
     if kt.index is not None and ks is not None:
         ks = ks[1:]  # one layer of a stacked [L, B, H, S, D] buffer
@@ -332,7 +697,7 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
     if vs != ks:
         return f"key cache {ks} and value cache {vs} differ in shape"
     b, hq, t, d = qs
-    _, hkv, max_len, dk = ks
+    _, hkv, max_len, dk = (ks[i] for i in PHYSICAL[kt.layout])  # logical [B, Hkv, S, D]
     if dk != d:
         return f"query head_dim {d} != cache head_dim {dk}"
     if d % group_size:
@@ -342,8 +707,11 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
     dtypes = {getattr(meta_val(x), "dtype", None) for x in (q, kt.source, vt.source)}
     if not dtypes <= {torch.float16, torch.bfloat16, torch.float32}:
         return f"dtypes {sorted(map(str, dtypes))} not float16/bfloat16/float32"
-    kw, kprob = find_cache_writes(kt.source, kt.index)
-    vw, vprob = find_cache_writes(vt.source, vt.index)
+    why = device_precondition(d, group_size, getattr(meta_val(kt.source), "device", None))
+    if why:
+        return why
+    kw, kprob = find_cache_writes(kt.source, kt.index, kt.layout)
+    vw, vprob = find_cache_writes(vt.source, vt.index, vt.layout)
     if kprob or vprob:
         return f"unsupported cache write: {(kprob + vprob)[0]}"
     if not kw and not vw:
@@ -351,13 +719,16 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
     if len(kw) != 1 or len(vw) != 1:
         return f"cache written {len(kw)} (keys) / {len(vw)} (values) times in one step; exactly one write each is rewritten"
     kw, vw = kw[0], vw[0]
-    if kw.position is not vw.position and not (
-        not isinstance(kw.position, fx.Node) and kw.position == vw.position
-    ):
+    same_position = kw.position is vw.position or (
+        not isinstance(kw.position, fx.Node) and not isinstance(vw.position, fx.Node) and kw.position == vw.position
+    )
+    if not same_position and not check_values:
         return "keys and values written at different positions"
     for which, w in (("key", kw), ("value", vw)):
         ns = shape_of(w.new)
-        if ns is None or len(ns) != 4 or ns[0] != b or ns[1] != hkv or ns[3] != d or ns[2] != t:
+        if ns is not None and w.new_perm is not None and len(ns) == 4:
+            ns = tuple(ns[i] for i in w.new_perm)
+        if ns is None or len(ns) != 4 or ns[0] != b or ns[1] != hkv or ns[3] != d or not _same_size(ns[2], t):
             return f"new {which}s {ns} are not [B={b}, Hkv={hkv}, T={t}, D={d}] for query {qs}"
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     if order[kw.node] > order[node] or order[vw.node] > order[node]:
@@ -367,16 +738,25 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
         scale = 1.0 / math.sqrt(d) if kind == "sdpa" else 1.0
     if isinstance(scale, fx.Node):
         return f"non-constant softmax scale {scale.name}"
-    for end in kt.ends + vt.ends:
-        # a prefix [:end] must not hide stored tokens the OScaR attention would see
-        if end is None or (isinstance(end, int) and end >= max_len):
-            continue
-        if mask is None and a.get("is_causal") and not isinstance(end, fx.Node) and end == t:
-            continue  # prefill: is_causal over the step's own T tokens, written from position 0 (asserted)
-        return f"cache read through a prefix slice [:{getattr(end, 'name', end)}] that may hide stored tokens"
-    mask_kind = _classify_mask(mask, mask_op, a.get("is_causal", False), kw.position, values, check_values)
-    if mask_kind not in ("causal", "causal-position", "causal-position-unchecked"):
-        return mask_kind
+
+    is_causal = a.get("is_causal", False)
+    ends = kt.ends + vt.ends
+    mask_kind = _classify_mask(mask, mask_op, is_causal, kw.position, values, check_values)
+    hidden = _hidden_prefix(ends, max_len, mask, is_causal, t)
+    exact = same_position and all(_slice_span(w, t, max_len) is True for w in (kw, vw))
+    window, from_zero, guards = None, mask_kind == "causal", ()
+    if mask_kind in ("causal", "causal-position", "causal-position-unchecked") and hidden is None and exact:
+        pass  # an exact structural form
+    elif not check_values:
+        spans = [_slice_span(w, t, max_len) for w in (kw, vw)]
+        return hidden or next((r for r in spans if isinstance(r, str)), None) or mask_kind
+    else:
+        prober = prober if prober is not None and prober.graph is node.graph else Prober(node.graph, values)
+        found = prober.check(mask=mask, mask_op=mask_op, is_causal=is_causal, ends=ends, writes=(kw, vw),
+                             t=sym_hint(t), length=sym_hint(max_len))  # fmt: skip
+        if isinstance(found, str):
+            return found
+        mask_kind, window, from_zero, guards = found.kind, found.window, found.from_zero, found.guards
     removable |= set(kt.nodes) | set(vt.nodes)
     return Site(
         name=node.name,
@@ -397,4 +777,74 @@ def match_attention(node: fx.Node, values: dict, group_size: int = 32, check_val
         mask_kind=mask_kind,
         removable=removable,
         out_dtype=getattr(meta_val(node), "dtype", None),
+        window=window,
+        from_zero=from_zero,
+        guards=guards,
+        layout=kt.layout,
     )
+
+
+def _same_size(a, b) -> bool:
+    """Two sizes are the same without adding a shape guard (symbolic sizes compare by expression)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
+    return a == b
+
+
+def _hidden_prefix(ends, max_len, mask, is_causal, t) -> str | None:
+    """Why a prefix read ``[:end]`` may hide stored tokens, judged by form (None when it cannot)."""
+    for end in ends:
+        if end is None or (isinstance(end, int) and end >= max_len):
+            continue
+        if mask is None and is_causal and not isinstance(end, fx.Node) and end == t:
+            continue  # prefill: is_causal over the step's own T tokens, written from position 0 (asserted)
+        return f"cache read through a prefix slice [:{getattr(end, 'name', end)}] that may hide stored tokens"
+    return None
+
+
+def _slice_span(w: CacheWrite, t, length):
+    """True when a write stores exactly the step's ``t`` tokens by form (index writes; slices of constant
+    bounds), a reason when its constant bounds do not, None when only evaluation can tell."""
+    if isinstance(meta_val(w.position), torch.Tensor):
+        return True
+    bounds = (w.position, w.stop, w.length, t)
+    if any(isinstance(x, (fx.Node, torch.SymInt)) for x in bounds):
+        return None
+    span = min(w.stop, length) - w.position if w.stop is not None else (w.length if w.length is not None else length - w.position)
+    return True if span == t else f"the slice write at {w.node.name} stores {span} positions for the step's {t} tokens"
+
+
+def _derived_from_cache(node, which) -> str | None:
+    """Why ``node`` (not a layout op of a cache) is computed *from* a cache input the graph writes, if it is."""
+    writes = mutations(node.graph)
+    above, stack = set(), [node]
+    while stack and len(above) < 400:
+        n = stack.pop()
+        if n not in above:
+            above.add(n)
+            stack.extend(n.all_input_nodes)
+    caches = [n for n in above if graph_input(n) and n in writes and isinstance(meta_val(n), torch.Tensor)
+              and meta_val(n).dim() >= 3 and meta_val(n).is_floating_point()]  # fmt: skip
+    if not caches:
+        return None
+    caches.sort(key=lambda n: n.name)
+    between_, stack = set(), list(caches)  # what is computed from the caches on the way to ``node``
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in above and u not in between_:
+                between_.add(u)
+                stack.append(u)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    ops = [op_name(n) for n in sorted(between_, key=order.get)]
+    kinds = set(ops)
+    if kinds & {"linear", "matmul", "bmm", "mm", "einsum", "addmm"}:
+        what = "projected from a latent cache (an MLA-style compressed KV cache)"
+    elif kinds & {"rsqrt", "norm", "rms_norm", "layer_norm", "var", "mean"}:
+        what = "normalized after the cache read (the cache holds pre-norm keys, e.g. QK-norm applied late)"
+    else:
+        what = "transformed after the cache read"
+    chain = ", ".join(dict.fromkeys(o for o in ops if o not in LAYOUT_OPS))
+    names = ", ".join(input_label(c) for c in caches)
+    return (f"{which} is {what}: computed from cache {names} by {chain}; OScaR stores the "
+            f"{which}s attention consumes, so this cache stays in full precision")  # fmt: skip

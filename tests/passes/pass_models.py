@@ -44,7 +44,8 @@ def repeat_kv(x, n_rep):
 
 
 class Attention(nn.Module):
-    """attn: "sdpa" (F.scaled_dot_product_attention) or "matmul" (matmul-scale-mask-softmax-matmul)."""
+    """attn: "sdpa" (F.scaled_dot_product_attention), "matmul" (matmul-scale-masked_fill-softmax-matmul) or
+    "where" (``torch.where(mask, scores, -inf)``, softmax in fp32, cast back)."""
 
     def __init__(self, dim, heads, kv_heads, max_len, batch, attn="sdpa", write="setitem", gqa="repeat_interleave",
                  cache=None, alibi=False):  # fmt: skip
@@ -83,27 +84,55 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
         else:
             scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
-            scores = scores.masked_fill(~mask, float("-inf"))
-            probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
+            if self.attn == "where":
+                scores = torch.where(mask, scores, float("-inf"))
+                probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            else:
+                scores = scores.masked_fill(~mask, float("-inf"))
+                probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
             probs = F.dropout(probs, p=0.0, training=self.training)
             y = torch.matmul(probs, v)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class Decoder(nn.Module):
-    """A stack of attention layers with residual connections; the causal mask is a buffer indexed by ``pos``."""
+    """A stack of attention layers with residual connections; the causal mask is a buffer indexed by ``pos``.
 
-    def __init__(self, n_layers=2, dim=128, heads=4, kv_heads=2, max_len=128, batch=1, share_cache=False, **kw):
+    ``mask``: how the mask is spelled (all mean the same): "index" (gpt-fast: ``causal[None, None, pos]``),
+    "rows_first" (``causal[pos][None, None]``), "unsqueeze" (``causal[pos].unsqueeze(0).unsqueeze(0)``),
+    "index_select" (``causal.index_select(0, pos)[None, None]``), "additive" (``where(causal[pos], 0, -inf)``);
+    or "window" (a sliding window of ``window`` keys, ``j > p - window``), "future" (each query also sees the
+    next position: not causal).
+    """
+
+    def __init__(self, n_layers=2, dim=128, heads=4, kv_heads=2, max_len=128, batch=1, share_cache=False,
+                 mask="index", window=None, **kw):  # fmt: skip
         super().__init__()
         layers = []
         for i in range(n_layers):
             cache = layers[0].kv_cache if share_cache and i > 0 else None
             layers.append(Attention(dim, heads, kv_heads, max_len, batch, cache=cache, **kw))
         self.layers = nn.ModuleList(layers)
-        self.register_buffer("causal_mask", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)))
+        self.mask_style = mask
+        causal = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool))
+        if mask == "window":
+            causal &= ~torch.tril(torch.ones(max_len, max_len, dtype=torch.bool), diagonal=-window)
+        elif mask == "future":
+            causal = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool), diagonal=1)
+        self.register_buffer("causal_mask", causal)
 
     def forward(self, x, pos):
-        mask = self.causal_mask[None, None, pos]  # gpt-fast: [1, 1, T, max_len]
+        c = self.causal_mask
+        if self.mask_style == "rows_first":
+            mask = c[pos][None, None]
+        elif self.mask_style == "unsqueeze":
+            mask = c[pos].unsqueeze(0).unsqueeze(0)
+        elif self.mask_style == "index_select":
+            mask = c.index_select(0, pos)[None, None]
+        elif self.mask_style == "additive":
+            mask = torch.where(c[pos], 0.0, float("-inf"))[None, None]
+        else:
+            mask = c[None, None, pos]  # gpt-fast: [1, 1, T, max_len]
         for layer in self.layers:
             x = x + layer(x, mask, pos)
         return x
@@ -173,3 +202,220 @@ class StackedCacheDecoder(nn.Module):
             y = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=m)
             x = x + y.transpose(1, 2).reshape(b, t, -1)
         return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# the idioms of other code bases, written from their ideas (semantic matching corpus)
+
+
+class LitGPTStyle(nn.Module):
+    """litgpt's idea: fused qkv, a [1, 1, S, S] mask cache selected with ``index_select(2, pos)``, a KV cache
+    module whose ``index_copy_`` returns the updated buffers, native GQA in SDPA (``enable_gqa``)."""
+
+    class KVCache(nn.Module):
+        def __init__(self, batch, kv_heads, max_len, head_dim):
+            super().__init__()
+            self.register_buffer("k", torch.zeros(batch, kv_heads, max_len, head_dim))
+            self.register_buffer("v", torch.zeros(batch, kv_heads, max_len, head_dim))
+
+        def forward(self, pos, k, v):
+            return self.k.index_copy_(2, pos, k), self.v.index_copy_(2, pos, v)
+
+    def __init__(self, n_layers=2, dim=128, heads=4, kv_heads=2, max_len=128, batch=1):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.qkv = nn.ModuleList([nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim) for _ in range(n_layers)])
+        self.proj = nn.ModuleList([nn.Linear(dim, dim) for _ in range(n_layers)])
+        self.caches = nn.ModuleList([self.KVCache(batch, kv_heads, max_len, self.head_dim) for _ in range(n_layers)])
+        self.register_buffer("mask_cache", torch.ones(max_len, max_len, dtype=torch.bool).tril()[None, None])
+
+    def forward(self, x, pos):
+        b, t, _ = x.shape
+        mask = self.mask_cache.index_select(2, pos)
+        for qkv, proj, cache in zip(self.qkv, self.proj, self.caches):
+            q, k, v = qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                    self.kv_heads * self.head_dim], dim=-1)  # fmt: skip
+            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            k, v = cache(pos, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim),
+                                               enable_gqa=True)  # fmt: skip
+            x = x + proj(y.transpose(1, 2).reshape(b, t, -1))
+        return x
+
+
+class NanoGPTStyle(nn.Module):
+    """nanoGPT's idea with a static cache: ``c_attn`` split into q/k/v, a float ``tril`` buffer
+    ``[1, 1, S, S]`` named ``bias``, ``masked_fill(bias[:, :, pos, :] == 0, -inf)``, plain multi-head attention."""
+
+    def __init__(self, n_layers=2, dim=128, heads=4, max_len=128, batch=1):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.c_attn = nn.ModuleList([nn.Linear(dim, 3 * dim) for _ in range(n_layers)])
+        self.c_proj = nn.ModuleList([nn.Linear(dim, dim) for _ in range(n_layers)])
+        for i in range(n_layers):
+            self.register_buffer(f"k_cache{i}", torch.zeros(batch, heads, max_len, dim // heads))
+            self.register_buffer(f"v_cache{i}", torch.zeros(batch, heads, max_len, dim // heads))
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+
+    def forward(self, x, pos):
+        b, t, c = x.shape
+        for i, (attn, proj) in enumerate(zip(self.c_attn, self.c_proj)):
+            q, k, v = attn(x).split(self.dim, dim=2)
+            q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2) for y in (q, k, v))
+            k_cache, v_cache = getattr(self, f"k_cache{i}"), getattr(self, f"v_cache{i}")
+            k_cache[:, :, pos] = k
+            v_cache[:, :, pos] = v
+            att = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, pos, :] == 0, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            y = att @ v_cache
+            x = x + proj(y.transpose(1, 2).contiguous().view(b, t, c))
+        return x
+
+
+class TorchtuneStyle(nn.Module):
+    """torchtune's idea: a KV cache module keeping its own position counter buffer (``cache_pos``, an arange
+    it advances by the tokens written), writing ``k_cache[:, :, cache_pos[:T]] = k`` and returning the whole
+    buffers; the model's additive mask (0 / -inf) comes from its own ``pos`` argument; GQA by
+    ``unsqueeze(2).expand(...).flatten(1, 2)``."""
+
+    class KVCache(nn.Module):
+        def __init__(self, batch, kv_heads, max_len, head_dim):
+            super().__init__()
+            self.register_buffer("k_cache", torch.zeros(batch, kv_heads, max_len, head_dim))
+            self.register_buffer("v_cache", torch.zeros(batch, kv_heads, max_len, head_dim))
+            self.register_buffer("cache_pos", torch.arange(max_len))
+
+        def update(self, k, v):
+            t = k.shape[2]
+            self.k_cache[:, :, self.cache_pos[:t]] = k
+            self.v_cache[:, :, self.cache_pos[:t]] = v
+            self.cache_pos.add_(t)
+            return self.k_cache, self.v_cache
+
+    def __init__(self, n_layers=2, dim=128, heads=4, kv_heads=2, max_len=128, batch=1):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.ModuleList([nn.Linear(dim, dim, bias=False) for _ in range(n_layers)])
+        self.kv = nn.ModuleList([nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False) for _ in range(n_layers)])
+        self.caches = nn.ModuleList([self.KVCache(batch, kv_heads, max_len, self.head_dim) for _ in range(n_layers)])
+        causal = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool))
+        self.register_buffer("causal_bias", torch.zeros(max_len, max_len).masked_fill(~causal, float("-inf")))
+
+    def forward(self, x, pos):
+        b, t, _ = x.shape
+        mask = self.causal_bias[pos][None, None]
+        n = self.heads // self.kv_heads
+        for wq, wkv, cache in zip(self.q, self.kv, self.caches):
+            q = wq(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            k, v = wkv(x).view(b, t, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+            k, v = cache.update(k, v)
+            k = k.unsqueeze(2).expand(-1, -1, n, -1, -1).flatten(1, 2)
+            v = v.unsqueeze(2).expand(-1, -1, n, -1, -1).flatten(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + y.transpose(1, 2).reshape(b, t, -1)
+        return x
+
+
+class MetaLlamaStyle(nn.Module):
+    """Meta's reference Llama idea: ``forward(x, start_pos: int)``, caches laid out ``[B, S, Hkv, D]``, written
+    ``cache_k[:bsz, start_pos:start_pos + T] = xk``, read as the prefix ``cache_k[:bsz, :start_pos + T]``,
+    ``repeat_kv`` on the ``[B, S, H, D]`` layout, matmul attention; the prefill mask is built from
+    ``triu(full(-inf))`` and zeros with ``hstack``, decode steps have no mask at all."""
+
+    def __init__(self, n_layers=2, dim=128, heads=4, kv_heads=2, max_len=128, batch=1):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.wq = nn.ModuleList([nn.Linear(dim, dim, bias=False) for _ in range(n_layers)])
+        self.wk = nn.ModuleList([nn.Linear(dim, kv_heads * self.head_dim, bias=False) for _ in range(n_layers)])
+        self.wv = nn.ModuleList([nn.Linear(dim, kv_heads * self.head_dim, bias=False) for _ in range(n_layers)])
+        for i in range(n_layers):
+            self.register_buffer(f"cache_k{i}", torch.zeros(batch, max_len, kv_heads, self.head_dim))
+            self.register_buffer(f"cache_v{i}", torch.zeros(batch, max_len, kv_heads, self.head_dim))
+
+    @staticmethod
+    def repeat_kv(x, n_rep):
+        bs, slen, n_kv_heads, head_dim = x.shape
+        if n_rep == 1:
+            return x
+        return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+
+    def forward(self, x, start_pos: int):
+        bsz, seqlen, _ = x.shape
+        mask = None
+        if seqlen > 1:
+            mask = torch.full((seqlen, seqlen), float("-inf"), device=x.device)
+            mask = torch.triu(mask, diagonal=1)
+            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=x.device), mask]).type_as(x)
+        for i in range(len(self.wq)):
+            cache_k, cache_v = getattr(self, f"cache_k{i}"), getattr(self, f"cache_v{i}")
+            xq = self.wq[i](x).view(bsz, seqlen, self.heads, self.head_dim)
+            xk = self.wk[i](x).view(bsz, seqlen, self.kv_heads, self.head_dim)
+            xv = self.wv[i](x).view(bsz, seqlen, self.kv_heads, self.head_dim)
+            cache_k[:bsz, start_pos : start_pos + seqlen] = xk
+            cache_v[:bsz, start_pos : start_pos + seqlen] = xv
+            keys = self.repeat_kv(cache_k[:bsz, : start_pos + seqlen], self.heads // self.kv_heads)
+            values = self.repeat_kv(cache_v[:bsz, : start_pos + seqlen], self.heads // self.kv_heads)
+            xq, keys, values = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+            scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+            out = torch.matmul(scores, values)
+            x = x + out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return x
+
+
+class QKNormAfterRead(nn.Module):
+    """Keys are RMS-normalized *after* the cache read: the cache holds pre-norm keys, so OScaR (which stores
+    what attention consumes) cannot replace it."""
+
+    def __init__(self, dim=128, heads=4, max_len=128, batch=1):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.k_norm = nn.Parameter(torch.ones(self.head_dim) * 1.5)
+        self.register_buffer("k_cache", torch.zeros(batch, heads, max_len, self.head_dim))
+        self.register_buffer("v_cache", torch.zeros(batch, heads, max_len, self.head_dim))
+        self.register_buffer("causal", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)))
+
+    def forward(self, x, pos):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        self.k_cache[:, :, pos] = k
+        self.v_cache[:, :, pos] = v
+        keys = self.k_cache * torch.rsqrt(self.k_cache.pow(2).mean(-1, keepdim=True) + 1e-6) * self.k_norm
+        y = F.scaled_dot_product_attention(q, keys, self.v_cache, attn_mask=self.causal[None, None, pos])
+        return x + y.transpose(1, 2).reshape(b, t, -1)
+
+
+class MLAStyle(nn.Module):
+    """DeepSeek MLA's idea: the cache holds a compressed latent ``[B, S, r]`` (plus a small shared rotary key
+    part) and keys/values are projected from it per head at attention time."""
+
+    def __init__(self, dim=128, heads=4, latent=64, rope_dim=16, max_len=128, batch=1):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.w_down = nn.Linear(dim, latent + rope_dim, bias=False)
+        self.w_uk = nn.Linear(latent, heads * (self.head_dim - rope_dim), bias=False)
+        self.w_uv = nn.Linear(latent, dim, bias=False)
+        self.latent, self.rope_dim = latent, rope_dim
+        self.register_buffer("kv_latent", torch.zeros(batch, max_len, latent))
+        self.register_buffer("k_rope", torch.zeros(batch, max_len, rope_dim))
+        self.register_buffer("causal", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)))
+
+    def forward(self, x, pos):
+        b, t, _ = x.shape
+        s = self.kv_latent.shape[1]
+        q = self.wq(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        c, r = self.w_down(x).split([self.latent, self.rope_dim], dim=-1)
+        self.kv_latent[:, pos] = c
+        self.k_rope[:, pos] = r
+        k_nope = self.w_uk(self.kv_latent).view(b, s, self.heads, -1)
+        k = torch.cat([k_nope, self.k_rope[:, :, None].expand(b, s, self.heads, self.rope_dim)], dim=-1).transpose(1, 2)
+        v = self.w_uv(self.kv_latent).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal[None, None, pos])
+        return x + y.transpose(1, 2).reshape(b, t, -1)

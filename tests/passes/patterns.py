@@ -1,7 +1,8 @@
 """Attention-with-KV-cache as people write it: plain torch functions, each noted with where it was seen.
 
-The matcher in ``oscar_compile.passes.sites`` is structural (it follows the graph rather than comparing against these), so
-these functions are its specification and its test corpus: ``tests/passes/test_patterns.py`` traces each
+The matcher in ``oscar_compile.passes.sites`` follows the graph (exact structural forms first, then masks, read
+extents and write positions judged by evaluation) rather than comparing against these, so these functions are
+its specification and its test corpus: ``tests/passes/test_patterns.py`` traces each
 with Dynamo and checks that the pass rewrites it (``REWRITTEN``, outputs equal to the kernels' reference
 ``cache_attention_ref`` + ``append_kv_ref``) or reports it with the expected reason (``REPORTED``).
 
@@ -107,13 +108,66 @@ def fixed_prefix_window(q, k_cache, v_cache, k, v, pos, causal):
     )
 
 
-def meta_llama_layout(q, k_cache, v_cache, k, v, pos, causal):
-    # Meta's llama reference (model.py): cache laid out [B, S, H, D], written along dim 1
+def transposed_view_write(q, k_cache, v_cache, k, v, pos, causal):
+    # a [B, H, S, D] cache written through its [B, S, H, D] transpose along dim 1 (the write of Meta's llama
+    # reference, whose cache is laid out [B, S, H, D]), with [B, T, H, D] new tokens
     k_cache.transpose(1, 2)[:, pos] = k.transpose(1, 2)
     v_cache.transpose(1, 2)[:, pos] = v.transpose(1, 2)
     mask = causal[None, None, pos]
     return F.scaled_dot_product_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), attn_mask=mask)
 
+
+
+def rows_first_mask(q, k_cache, v_cache, k, v, pos, causal):
+    # gpt-fast with the mask's rows selected first, then unsqueezed (the issue's measured form)
+    k_cache[:, :, pos] = k
+    v_cache[:, :, pos] = v
+    mask = causal[pos][None, None]
+    return F.scaled_dot_product_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), attn_mask=mask)
+
+
+def index_select_additive_mask(q, k_cache, v_cache, k, v, pos, causal):
+    # rows by index_select, made additive (0 / -inf) with where, caches written with index_copy_
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    mask = torch.where(causal.index_select(0, pos), 0.0, float("-inf")).unsqueeze(0).unsqueeze(0)
+    return F.scaled_dot_product_attention(q, _repeat_kv(k_cache, 2), _repeat_kv(v_cache, 2), attn_mask=mask)
+
+
+def ellipsis_write_float_tril(q, k_cache, v_cache, k, v, pos, causal):
+    # k_cache[..., pos, :] = k; nanoGPT's float tril buffer compared with 0 in masked_fill
+    k_cache[..., pos, :] = k
+    v_cache[..., pos, :] = v
+    tril = causal.float()[None, None]
+    scores = (q @ k_cache.repeat_interleave(2, 1).transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(tril[:, :, pos, :] == 0, float("-inf"))
+    return F.softmax(scores, dim=-1) @ v_cache.repeat_interleave(2, 1)
+
+
+def future_key_mask(q, k_cache, v_cache, k, v, pos, causal):
+    # each query also sees the next slot (an off-by-one mask): not causal
+    k_cache[:, :, pos] = k
+    v_cache[:, :, pos] = v
+    mask = torch.ones_like(causal).tril(1)[None, None, pos]
+    return F.scaled_dot_product_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), attn_mask=mask)
+
+
+def written_slots_mask(q, k_cache, v_cache, k, v, pos, causal):
+    # "attend to the slots holding something": a mask read from the cache contents, not from positions
+    k_cache[:, :, pos] = k
+    v_cache[:, :, pos] = v
+    filled = k_cache[:, :1].abs().sum(-1) != 0
+    mask = filled[:, :, None, :] & causal[None, None, pos]
+    return F.scaled_dot_product_attention(q, k_cache.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), attn_mask=mask)
+
+
+def qk_norm_after_read(q, k_cache, v_cache, k, v, pos, causal):
+    # keys RMS-normalized after the cache read: the cache holds pre-norm keys
+    k_cache[:, :, pos] = k
+    v_cache[:, :, pos] = v
+    keys = k_cache * torch.rsqrt(k_cache.pow(2).mean(-1, keepdim=True) + 1e-6)
+    mask = causal[None, None, pos]
+    return F.scaled_dot_product_attention(q, keys.repeat_interleave(2, 1), v_cache.repeat_interleave(2, 1), attn_mask=mask)
 
 REWRITTEN = {
     "gpt_fast": gpt_fast,
@@ -122,11 +176,17 @@ REWRITTEN = {
     "gemma2_eager": gemma2_eager,
     "masked_fill_decoder": masked_fill_decoder,
     "prefill_is_causal": prefill_is_causal,
+    "transposed_view_write": transposed_view_write,
+    "rows_first_mask": rows_first_mask,
+    "index_select_additive_mask": index_select_additive_mask,
+    "ellipsis_write_float_tril": ellipsis_write_float_tril,
 }
 
 # name -> (pattern, a substring of the reason the pass reports)
 REPORTED = {
     "alibi": (alibi, "additive attention bias"),
     "fixed_prefix_window": (fixed_prefix_window, "prefix slice"),
-    "meta_llama_layout": (meta_llama_layout, "written through a transpose view"),
+    "future_key_mask": (future_key_mask, "a later position"),
+    "written_slots_mask": (written_slots_mask, "cannot be checked by evaluation"),
+    "qk_norm_after_read": (qk_norm_after_read, "normalized after the cache read"),
 }
