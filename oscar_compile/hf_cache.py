@@ -203,6 +203,7 @@ class OScaRLayer(CacheLayerMixin):
             if self._host_stale:  # after compiled steps: one sync, outside the compiled decode loop
                 self.host_length = int(self.cumulative_length)
                 self._host_stale = False
+                self.check_overflow()
             if self.host_length + t > self.max_cache_len:
                 raise ValueError(
                     f"OScaR cache overflow: {self.host_length} positions stored, {t} more exceed max_cache_len "
@@ -275,6 +276,7 @@ class OScaRLayer(CacheLayerMixin):
             return
         r = self.config.residual_length
         lengths = self.keys.lengths
+        self.check_overflow()  # subtracting would clear a CUDA overflow mark
         if bool(((lengths % r) < n).any()):  # host sync: crop is a host-side operation
             raise NotImplementedError(
                 f"OScaR cache: cannot crop {n} tokens, some are already quantized (residual holds {(lengths % r).tolist()})"
@@ -283,6 +285,12 @@ class OScaRLayer(CacheLayerMixin):
             half.lengths.sub_(n)
         self.cumulative_length.sub_(n)
         self.host_length, self._host_stale = int(self.cumulative_length), False
+
+    def check_overflow(self) -> None:
+        """Raise ``ValueError`` if a compiled CUDA step overflowed this layer (the kernel marks ``lengths``
+        past the capacity instead of raising: ``ops.check_overflow``). One host sync."""
+        if self.is_initialized:
+            ops.check_overflow(self.keys.lengths, self.keys.capacity)
 
     def nbytes(self) -> int:
         return layer_nbytes(self.keys, self.values) if self.is_initialized else 0
@@ -686,6 +694,9 @@ class OScaRGenerate:
         out = None
         try:
             out = self.__wrapped__(*args, **kwargs)
+            for cache in self._lent[depth:]:  # a compiled CUDA decode loop marks overflow, never raises in it
+                for layer in cache.oscar_layers:
+                    layer.check_overflow()
             return out
         finally:
             lent = self._lent[depth:]

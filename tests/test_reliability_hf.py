@@ -453,3 +453,37 @@ def test_use_oscar_cache_arguments_checked_early():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # within max_cache_len: fine, and no warning from the wrapper
         assert model.generate(prompt(40), max_new_tokens=9, **GREEDY).shape == (1, 49)
+
+
+def _mark_overflow(cache):
+    """What the CUDA append kernel does when a compiled step would pass the capacity: it writes nothing and
+    marks ``lengths`` past it (``kernels.append_kv``); the CPU reference raises at the append instead."""
+    layer = cache.oscar_layers[0]
+    layer.keys.lengths.fill_(layer.keys.capacity + 1)
+    layer._host_stale = True  # as after compiled steps
+
+
+def test_overflow_marked_by_a_compiled_cuda_step_raises_at_the_next_eager_step_and_after_generate():
+    model = tiny()
+    use_oscar_cache(model)
+    ids = prompt()
+    cache = OScaRCache(model.config, max_cache_len=64)
+    with torch.no_grad():
+        model(ids, **{cache_kwarg_name(model): cache})
+        _mark_overflow(cache)
+        with pytest.raises(ValueError, match="overflow"):
+            model(ids[:, :1], **{cache_kwarg_name(model): cache})
+    # generate: the wrapper checks every OScaR layer once the loop is over (no sync inside it); the mark is
+    # made after the last forward, so only that final check can see it
+    calls = []
+
+    def mark_at_the_last_step(input_ids, scores):
+        calls.append(1)
+        if len(calls) == 2:
+            _mark_overflow(model.generate._lent[-1])
+        return scores
+
+    processors = tf.LogitsProcessorList([mark_at_the_last_step])
+    with pytest.raises(ValueError, match="overflow"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, logits_processor=processors)
+    assert len(calls) == 2
