@@ -447,6 +447,12 @@ class Prober:
             for g in guards:
                 if g in self.first_write:
                     raise NotEvaluable(f"it reads {input_label(g)}, which this graph modifies and the write does not read")
+            for g in guards + [n for n in pos_leaves if isinstance(meta_val(n), torch.Tensor) and meta_val(n).dim() == 2]:
+                v = meta_val(g)
+                if isinstance(v, torch.Tensor) and v.dim() and sym_hint(v.shape[-1]) != t:
+                    # e.g. a padding mask [B, S]: not the positions of this step's tokens
+                    raise NotEvaluable(f"it depends on the values of {input_label(g)} {tuple(v.shape)}, which are not "
+                                       f"the positions of the step's {t} tokens")  # fmt: skip
             self._clone = any(is_inplace(n) for n in pos_nodes + dep_nodes)
         except NotEvaluable as e:
             return f"{what} cannot be checked by evaluation: {e}"

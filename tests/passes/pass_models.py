@@ -419,3 +419,31 @@ class MLAStyle(nn.Module):
         v = self.w_uv(self.kv_latent).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal[None, None, pos])
         return x + y.transpose(1, 2).reshape(b, t, -1)
+
+
+class IntStartDecoder(nn.Module):
+    """A hand-written decoder called as ``forward(x, start: int)``: writes ``k_cache.narrow(2, start, T).copy_(k)``,
+    reads the prefix ``k_cache[:, :, :start + T]`` (a length that grows every step), SDPA with ``is_causal`` for
+    the prompt and no mask for single-token steps."""
+
+    def __init__(self, n_layers=2, dim=128, heads=4, kv_heads=2, max_len=128, batch=1):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.wq = nn.ModuleList([nn.Linear(dim, dim, bias=False) for _ in range(n_layers)])
+        self.wkv = nn.ModuleList([nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False) for _ in range(n_layers)])
+        for i in range(n_layers):
+            self.register_buffer(f"k{i}", torch.zeros(batch, kv_heads, max_len, self.head_dim))
+            self.register_buffer(f"v{i}", torch.zeros(batch, kv_heads, max_len, self.head_dim))
+
+    def forward(self, x, start: int):
+        b, t, _ = x.shape
+        for i in range(len(self.wq)):
+            k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+            q = self.wq[i](x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            k, v = self.wkv[i](x).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            k_cache.narrow(2, start, t).copy_(k)
+            v_cache.narrow(2, start, t).copy_(v)
+            y = F.scaled_dot_product_attention(q, k_cache[:, :, : start + t], v_cache[:, :, : start + t],
+                                               is_causal=t > 1, enable_gqa=True)  # fmt: skip
+            x = x + y.transpose(1, 2).reshape(b, t, -1)
+        return x

@@ -8,17 +8,20 @@ Meta's reference layout also go through ``oscar.compile`` with Inductor.
 """
 
 import copy
+import re
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import oscar_compile as oscar
 from oscar_compile import fake_quantize
 from oscar_compile.kv_tensor import is_oscar_cache
 from oscar_compile.passes import OScaRBackend, sites
-from pass_helpers import ATOL, CONFIG, RTOL, attr, check_rewrite, decode_steps, oscar_reference
+from pass_helpers import ATOL, CONFIG, RTOL, _call_args, attr, check_rewrite, decode_steps, oscar_reference
 from pass_models import (
     Decoder,
+    IntStartDecoder,
     LitGPTStyle,
     MetaLlamaStyle,
     MLAStyle,
@@ -138,27 +141,27 @@ def test_torchtune_style_mask_positions_out_of_step_with_the_counter_raise():
             compiled(x1, p1 + 1)
 
 
-def meta_steps(dim=128, prompt=40, decode=3, seed=0):
+def meta_steps(dim=128, prompt=40, decode=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     steps = [(torch.randn(1, prompt, dim, generator=g), 0)]
     return steps + [(torch.randn(1, 1, dim, generator=g), prompt + i) for i in range(decode)]
 
 
 @torch.no_grad()
-def bshd_reference(model, steps, names):
-    """``oscar_reference`` for [B, S, H, D] caches called as ``model(x, start_pos)``."""
+def int_start_reference(model, steps, names, layout="bhsd"):
+    """``oscar_reference`` for models called as ``model(x, start)`` whose caches are laid out ``layout``."""
+    logical = (lambda t: t.transpose(1, 2)) if layout == "bshd" else (lambda t: t)  # a [B, H, S, D] view
     history = {n: torch.zeros_like(attr(model, n)) for pair in names for n in pair}
     outs = []
     for x, start in steps:
         for k_name, v_name in names:
-            kh, vh = fake_quantize(history[k_name][:, :start].transpose(1, 2), history[v_name][:, :start].transpose(1, 2), CONFIG)
-            attr(model, k_name)[:, :start] = kh.transpose(1, 2)
-            attr(model, v_name)[:, :start] = vh.transpose(1, 2)
+            kh, vh = fake_quantize(logical(history[k_name])[:, :, :start], logical(history[v_name])[:, :, :start], CONFIG)
+            logical(attr(model, k_name))[:, :, :start] = kh
+            logical(attr(model, v_name))[:, :, :start] = vh
         outs.append(model(x, start))
         t = x.shape[1]
-        for pair in names:
-            for n in pair:
-                history[n][:, start : start + t] = attr(model, n)[:, start : start + t]
+        for n in history:
+            logical(history[n])[:, :, start : start + t] = logical(attr(model, n))[:, :, start : start + t]
     return outs
 
 
@@ -170,19 +173,48 @@ def test_meta_llama_style_bshd_cache_with_inductor():
     eager = copy.deepcopy(model)
     steps = meta_steps()
     compiled = oscar.compile(model, CONFIG, fullgraph=True)
-    outs = [compiled(x, s) for x, s in steps]
+    outs, code, graphs = [], [], []
+    for i, (x, s) in enumerate(steps):
+        if i < 2:  # prefill and the decode graph: Inductor's code
+            out, src = run_and_get_code(compiled, x, s)
+            code += src
+        else:
+            out = compiled(x, s)
+        outs.append(out)
+        graphs.append(compiled.oscar_report.graphs)
+    text = "\n".join(code)  # the state is appended in place: its inputs are the graph's own, not copies
+    calls = [_call_args(text, m.end()) for m in re.finditer(r"torch\.ops\.oscar\.attend_append\.default\(", text)]
+    assert len(calls) == 4 and all(re.fullmatch(r"arg\d+_1", a) for args in calls for a in args[1:10]), calls
     report = compiled.oscar_report
     assert report.rewritten == 2 and not report.skipped, str(report)
-    assert report.graphs == 2, str(report)  # prefill, and one decode graph for every start_pos
+    assert graphs[-1] == graphs[2], graphs  # one decode graph serves every start_pos (symbolic)
     for i in range(2):
         k = attr(model, f"cache_k{i}")
         assert is_oscar_cache(k) and k.shape == (1, 128, 2, 32)
-    ref = bshd_reference(eager, steps, [(f"cache_k{i}", f"cache_v{i}") for i in range(2)])
+    ref = int_start_reference(eager, steps, [(f"cache_k{i}", f"cache_v{i}") for i in range(2)], "bshd")
     for i, (o, r) in enumerate(zip(outs, ref)):
         torch.testing.assert_close(o, r, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {i}: {m}")
     # reading the module's cache dequantizes it in its own [B, S, H, D] layout
     k0 = model.cache_k0.dequantize()
-    assert k0.shape == (1, 128, 2, 32) and k0[:, 43:].abs().sum() == 0 and k0[:, :43].abs().sum() > 0
+    n = sum(x.shape[1] for x, _ in steps)
+    assert k0.shape == (1, 128, 2, 32) and k0[:, n:].abs().sum() == 0 and k0[:, :n].abs().sum() > 0
+
+
+def test_int_start_narrow_write_and_growing_prefix_read():
+    # narrow(2, start, T).copy_(k), SDPA over k_cache[:, :, :start + T] (is_causal for the prompt only)
+    torch.manual_seed(0)
+    model = IntStartDecoder().eval()
+    eager = copy.deepcopy(model)
+    backend = OScaRBackend(CONFIG, inner="eager")
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    steps = meta_steps()
+    with torch.no_grad():
+        outs = [compiled(x, s) for x, s in steps]
+    assert backend.report.rewritten == 2 and not backend.report.skipped, str(backend.report)
+    assert {rec.write_op for rec in backend.report.sites.values()} == {"copy_"}
+    ref = int_start_reference(eager, steps, [(f"k{i}", f"v{i}") for i in range(2)])
+    for i, (o, r) in enumerate(zip(outs, ref)):
+        torch.testing.assert_close(o, r, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {i}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,7 +232,7 @@ def test_mla_latent_cache_is_skipped():
 
 def test_unknown_mask_names_the_probe_that_disagreed():
     # each query also sees the next position: not causal; the reason says where
-    report = run_eager_backend(lambda: Decoder(mask="future"), decode_steps(decode=1), rewritten=0, skipped=4)
+    report = run_eager_backend(lambda: Decoder(mask="future"), decode_steps(decode=1), rewritten=0, skipped=2)
     assert all("probe start=0" in r and "a later position" in r for _, r in report.skipped), str(report)
 
 
