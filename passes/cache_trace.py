@@ -2,8 +2,11 @@
 
 :func:`trace_cache` walks layout ops (views, transposes, GQA expansion, casts, sequence prefixes) from the
 tensor attention consumes to its source, checking that they compose to the identity on ``[B, H, S, D]``
-apart from a consecutive head repetition; :func:`find_cache_writes` lists the in-place writes of new tokens
-along the sequence dim (or the reasons other writes are not understood).
+(or to a transpose of a ``[B, S, H, D]`` buffer) apart from a consecutive head repetition, prefixes of the
+sequence dim and slices that keep a dim whole; :func:`find_cache_writes` lists the in-place writes of new
+tokens along the sequence dim, directly or through transposes and slices of the cache (or the reasons other
+writes are not understood). Which positions a write and a prefix read cover is decided by evaluation in
+:mod:`.sites` (the positions, slice bounds and prefix ends recorded here are graph values).
 """
 
 from __future__ import annotations

@@ -7,8 +7,16 @@ An *attention node* is SDPA (``torch._C._nn.scaled_dot_product_attention`` or an
 ``_scaled_dot_product_*`` variant) or the final ``matmul`` of decomposed attention
 (``matmul(q, k^T) -> mul/div -> mask -> softmax -> casts/dropout(p=0) -> matmul(., v)``). Its key and value
 are traced back through layout ops to a graph input (the cache); the cache's writes in the same graph are
-found among that input's users. :func:`match_attention` returns a :class:`Site` or a reason string; a
-reason never raises.
+found among that input's users (writes may go through transposes and slices of the cache; ``[B, S, H, D]``
+caches are recognized by the transposes that read them). :func:`match_attention` returns a :class:`Site`
+or a reason string; a reason never raises.
+
+Masks are judged by what they compute. The exact structural forms (``is_causal``; a lower-triangular buffer
+indexed by the write positions, its value checked) are accepted as they are; anything else (other
+spellings, additive masks, sliding windows, prefix reads whose length follows the position, writes at a
+position counter) goes to :class:`Prober`, which evaluates the mask, the prefix ends and the write positions
+on probe positions and accepts causal or sliding-window attention, or says which probe disagreed.
+Preconditions include the limits of the device's kernels (:func:`device_precondition`).
 """
 
 from __future__ import annotations
@@ -309,6 +317,10 @@ def _classify_mask(mask, mask_op, is_causal, position, values: dict, check_value
 MASKED_BELOW = -1e4
 
 
+_VIEW_OPS = LAYOUT_OPS | {"getitem", "slice", "view", "reshape", "narrow", "select", "transpose", "permute",
+                          "unsqueeze", "expand", "squeeze", "flatten", "unflatten"}  # fmt: skip
+
+
 class _Missing(str):
     """A probe's disagreement that is only keys missing (hidden by a prefix read, or the query's own key
     masked): what a prefill-only form shows at starts > 0."""
@@ -405,8 +417,7 @@ class Prober:
             aliases, stack = {leaf}, [leaf]
             while stack:  # views of it
                 for u in stack.pop().users:
-                    if u.args and u.args[0] in aliases and op_name(u) in LAYOUT_OPS | {"getitem", "slice", "view",
-                            "reshape", "narrow", "select", "transpose", "permute", "unsqueeze", "expand"} and u not in aliases:  # fmt: skip
+                    if u.args and u.args[0] in aliases and op_name(u) in _VIEW_OPS and u not in aliases:
                         aliases.add(u)
                         stack.append(u)
             readers = [n for n in list(nodes) + ([consumer] if consumer is not None else []) if n not in (None, leaf)]
@@ -457,7 +468,9 @@ class Prober:
         except NotEvaluable as e:
             return f"{what} cannot be checked by evaluation: {e}"
 
-        probe = lambda s: self._probe(s, what, mask, mask_op, is_causal, ends, writes, t, length, pos_leaves, guards)  # noqa: E731
+        def probe(start):
+            return self._probe(start, what, mask, mask_op, is_causal, ends, writes, t, length, pos_leaves, guards)
+
         if pos_leaves:
             starts = sorted({0, 1, 2, length // 2 - t // 2, length - t - 1, length - t} & set(range(length - t + 1)))
         else:
