@@ -93,9 +93,11 @@ def test_gpt_fast_form_keeps_the_structural_fast_path():
     assert mask_kinds(report) == {"causal-position"}
 
 
-def test_where_attention_with_fp32_softmax_and_casts():
-    # torch.where(mask, scores, -inf), F.softmax(..., dtype=torch.float32).to(q.dtype), rows-first mask
-    report = run_eager_backend(lambda: Decoder(attn="where", mask="rows_first"), decode_steps(decode=2), rewritten=2)
+def test_where_attention_with_fp32_softmax_and_casts_bf16():
+    # torch.where(mask, scores, -inf), F.softmax(..., dtype=torch.float32).to(q.dtype), rows-first mask; a bf16
+    # model, so the casts are real
+    report = check_rewrite(lambda: Decoder(attn="where", mask="rows_first"), decode_steps(decode=2), rewritten=2,
+                           dtype=torch.bfloat16)  # fmt: skip
     assert {rec.kind for rec in report.sites.values()} == {"decomposed"}
 
 
@@ -198,6 +200,7 @@ def test_meta_llama_style_bshd_cache_with_inductor():
     k0 = model.cache_k0.dequantize()
     n = sum(x.shape[1] for x, _ in steps)
     assert k0.shape == (1, 128, 2, 32) and k0[:, n:].abs().sum() == 0 and k0[:, :n].abs().sum() > 0
+    assert torch.equal(model.state_dict()["cache_k0"], k0)
 
 
 def test_int_start_narrow_write_and_growing_prefix_read():
