@@ -335,7 +335,10 @@ def _walk_writes(node, owner, dims, window, chain, layout, writes, problems, top
             continue
         perm = _new_perm(dims, layout)
         if name in ("setitem", "index_put_"):
-            idx = user.args[1] if name == "setitem" else tuple(slice(None) if i is None else i for i in arg(user, 1, "indices"))
+            if name == "setitem":
+                idx = user.args[1]
+            else:
+                idx = tuple(slice(None) if i is None else i for i in arg(user, 1, "indices"))
             new = user.args[2] if name == "setitem" else arg(user, 2, "values")
             pos = _index_write(idx, node, dims, window, seq)
             if name == "index_put_" and arg(user, 3, "accumulate", False):
@@ -447,7 +450,8 @@ def _view_of(user, name, node, dims, window, seq):
 
 
 def _index_write(idx, node, dims, window, seq):
-    """``(position, stop, length)`` written by ``view[idx] = new`` (``view``: dims ``dims`` of the cache), or a reason."""
+    """``(position, stop, length)`` written by ``view[idx] = new`` (``view`` holds dims ``dims`` of the cache),
+    or a reason."""
     nd = len(dims)
     idx = _expand_index(idx if isinstance(idx, tuple) else (idx,), nd)
     if isinstance(idx, str):

@@ -457,8 +457,11 @@ class Prober:
             guards = [n for n in dep_nodes if graph_input(n) and self.kind(n) == "position" and n not in pos_leaves]
             for g in guards:
                 if g in self.first_write:
-                    raise NotEvaluable(f"it reads {input_label(g)}, which this graph modifies and the write does not read")
-            for g in guards + [n for n in pos_leaves if isinstance(meta_val(n), torch.Tensor) and meta_val(n).dim() == 2]:
+                    raise NotEvaluable(
+                        f"it reads {input_label(g)}, which this graph modifies and the write does not read"
+                    )
+            two_d = [n for n in pos_leaves if isinstance(meta_val(n), torch.Tensor) and meta_val(n).dim() == 2]
+            for g in guards + two_d:
                 v = meta_val(g)
                 if isinstance(v, torch.Tensor) and v.dim() and sym_hint(v.shape[-1]) != t:
                     # e.g. a padding mask [B, S]: not the positions of this step's tokens
@@ -829,7 +832,10 @@ def _slice_span(w: CacheWrite, t, length):
     bounds = (w.position, w.stop, w.length, t)
     if any(isinstance(x, (fx.Node, torch.SymInt)) for x in bounds):
         return None
-    span = min(w.stop, length) - w.position if w.stop is not None else (w.length if w.length is not None else length - w.position)
+    if w.stop is not None:
+        span = min(w.stop, length) - w.position
+    else:
+        span = w.length if w.length is not None else length - w.position
     return True if span == t else f"the slice write at {w.node.name} stores {span} positions for the step's {t} tokens"
 
 

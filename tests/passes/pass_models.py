@@ -340,7 +340,8 @@ class MetaLlamaStyle(nn.Module):
         bs, slen, n_kv_heads, head_dim = x.shape
         if n_rep == 1:
             return x
-        return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+        x = x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim)
+        return x.reshape(bs, slen, n_kv_heads * n_rep, head_dim)
 
     def forward(self, x, start_pos: int):
         bsz, seqlen, _ = x.shape

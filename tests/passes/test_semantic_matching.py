@@ -157,7 +157,8 @@ def int_start_reference(model, steps, names, layout="bhsd"):
     outs = []
     for x, start in steps:
         for k_name, v_name in names:
-            kh, vh = fake_quantize(logical(history[k_name])[:, :, :start], logical(history[v_name])[:, :, :start], CONFIG)
+            hist_k, hist_v = logical(history[k_name])[:, :, :start], logical(history[v_name])[:, :, :start]
+            kh, vh = fake_quantize(hist_k, hist_v, CONFIG)
             logical(attr(model, k_name))[:, :, :start] = kh
             logical(attr(model, v_name))[:, :, :start] = vh
         outs.append(model(x, start))
