@@ -324,11 +324,26 @@ def _head_dim(text_config) -> int:
     return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
 
+def _known_kinds() -> Optional[set]:
+    """Layer types transformers' static cache knows (None on versions without the mapping)."""
+    try:
+        from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING
+    except ImportError:
+        return None
+    return set(STATIC_LAYER_TYPE_MAPPING)
+
+
 def _static_layer_class(kind: str):
     """transformers' own static layer class for a layer type we do not quantize."""
     try:
         from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING
 
+        if kind not in STATIC_LAYER_TYPE_MAPPING:
+            raise NotImplementedError(
+                f"OScaRCache: layer type {kind!r} has no transformers static layer to keep it in "
+                f"(known: {sorted(STATIC_LAYER_TYPE_MAPPING)}); the model cannot take an OScaRCache "
+                "(hf_unsupported_reason says why)"
+            )
         return STATIC_LAYER_TYPE_MAPPING[kind]
     except ImportError:  # older 5.x: full and sliding/chunked layers only
         from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
@@ -378,19 +393,25 @@ class OScaRCache(Cache):
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layer_types, layer_kwargs = _layer_types(text_config)
         layers, self.kept_layers = [], {}
-        head_dim = _head_dim(text_config)
-        quantizable = head_dim % self.oscar_config.group_size == 0  # the layout needs whole channel groups
+        try:
+            head_dim, why_not = _head_dim(text_config), None
+        except Exception as e:  # per-layer attention sizes (heterogeneous configs): no single head_dim
+            head_dim, why_not = None, f"no single head_dim in the config ({type(e).__name__})"
+        if head_dim is not None and head_dim % self.oscar_config.group_size:  # the layout needs whole channel groups
+            why_not = f"head_dim {head_dim} not a multiple of group_size {self.oscar_config.group_size}"
         for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
-            if not quantizable and kind in ("full_attention", "sliding_attention"):
+            if why_not is not None and kind in ("full_attention", "sliding_attention"):
                 layers.append(_static_layer_class(kind)(max_cache_len=capacity, **kw))
-                self.kept_layers[i] = f"{kind} (head_dim {head_dim} not a multiple of group_size {self.oscar_config.group_size})"
+                self.kept_layers[i] = f"{kind} ({why_not})"
             elif kind == "full_attention":
                 layers.append(OScaRLayer(max_cache_len, self.oscar_config, capacity=capacity))
             elif kind == "sliding_attention" and quantize_sliding:
                 layers.append(OScaRLayer(max_cache_len, self.oscar_config, window=kw["sliding_window"], capacity=capacity))
             else:
                 layers.append(_static_layer_class(kind)(max_cache_len=capacity, **kw))
-                self.kept_layers[i] = kind
+                self.kept_layers[i] = kind if kind == "sliding_attention" else (  # quantize_sliding=False
+                    f"{kind} (not full or sliding softmax attention: kept in transformers' {type(layers[-1]).__name__})"
+                )
             if isinstance(layers[-1], OScaRLayer):
                 layers[-1].index = i
         super().__init__(layers=layers)
@@ -621,14 +642,106 @@ def hf_unsupported_reason(model, oscar_config: Optional[OScaRConfig] = None) -> 
         return f"{cls} uses position_embedding_type={position!r} (a bias on the scores), which OScaR attention does not add"
     try:
         kinds, _ = _layer_types(text)
+    except Exception as e:  # noqa: BLE001 - any failure to read the layout is a reason, not a crash
+        return f"{cls}: cannot read its attention layers from the config ({type(e).__name__}: {e})"
+    try:
         head_dim = _head_dim(text)
-    except (AttributeError, TypeError, ValueError) as e:
-        return f"{cls}: cannot read its attention layers from the config ({e})"
+    except Exception as e:  # noqa: BLE001 - e.g. heterogeneous configs: head_dim is a per-layer attribute
+        return (
+            f"{cls} has no single head_dim in its config (per-layer attention sizes: {type(e).__name__}); "
+            "OScaRCache sizes every layer from one head_dim"
+        )
     group = (oscar_config or OScaRConfig()).group_size
     if not any(k in ("full_attention", "sliding_attention") for k in kinds):
         return f"{cls} has no full or sliding attention layer (layer types {sorted(set(kinds))})"
+    known = _known_kinds()
+    unknown = sorted({k for k in kinds if known is not None and k not in known})
+    if unknown:
+        return f"{cls} has layer types transformers' static cache does not know ({unknown}): no layer to keep them in"
     if head_dim % group:
         return f"{cls} has head_dim {head_dim}, not a multiple of group_size {group}: no layer can hold OScaR state"
+    return _probe_reason(model, oscar_config or OScaRConfig())
+
+
+# model -> (group_size, reason or None): the behavioural check runs once per model
+_PROBED = WeakIdKeyDictionary()
+_PROBE_TOKENS = 6  # fewer than any residual_length (>= group_size >= 8): nothing is quantized in the probe
+
+
+def _probe_reason(model, oscar_config: OScaRConfig) -> Optional[str]:
+    """Whether the model's attention really is softmax attention over the cache it is handed: a 5-token
+    prompt and one decode step, once with transformers' ``DynamicCache`` and once with an ``OScaRCache``
+    (attn_implementation ``"oscar"``). No token is quantized in so short a sequence, so the two must agree to
+    float error. A model that reads or reshapes the cached keys/values outside the attention interface
+    (differential attention splitting the values, latent or compressed caches, extra score terms), raises
+    over the cache halves, or leaves its attention layers' OScaR state unread gives a reason; None when it
+    agrees. Skipped (None) for weights not materialised (meta) or spread over devices, where it cannot run.
+    """
+    hit = _PROBED.get(model)
+    if hit is not None and hit[0] == oscar_config.group_size:
+        return hit[1]
+    params = [p for p in model.parameters()][:1]
+    if not params or params[0].device.type == "meta" or len(set(getattr(model, "hf_device_map", {"": 0}).values())) > 1:
+        return None
+    reason = _run_probe(model, oscar_config)
+    _PROBED[model] = (oscar_config.group_size, reason)
+    return reason
+
+
+def _run_probe(model, oscar_config: OScaRConfig) -> Optional[str]:
+    cls = type(model).__name__
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", None) or getattr(model.config.get_text_config(decoder=True), "vocab_size", None)
+    if not vocab:
+        return None
+    device = next(model.parameters()).device
+    ids = (torch.arange(_PROBE_TOKENS, device=device) * 7919 + 11) % vocab
+    ids = ids[None]
+    name = cache_kwarg_name(model)
+    config = model.config
+    before = getattr(config, "_attn_implementation", None)
+    training = model.training
+
+    def two_steps(cache):
+        model(input_ids=ids[:, :-1], use_cache=True, **{name: cache})
+        return model(input_ids=ids[:, -1:], use_cache=True, **{name: cache}).logits[:, -1].float()
+
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                plain = two_steps(DynamicCache(config=config))
+            except TypeError:  # older 5.x: no config argument
+                plain = two_steps(DynamicCache())
+            except Exception:  # noqa: BLE001 - the plain model cannot run this probe: nothing to compare with
+                return None
+            use_oscar_attention(model)
+            cache = OScaRCache(config, _PROBE_TOKENS, oscar_config)
+            try:
+                ours = two_steps(cache)
+            except Exception as e:  # noqa: BLE001
+                return (
+                    f"{cls}'s attention fails over an OScaR cache ({type(e).__name__}: {str(e)[:200]}): it uses the "
+                    "cached keys/values outside transformers' attention interface (e.g. differential or latent "
+                    "attention), so it keeps transformers' caches"
+                )
+    finally:
+        if before is not None and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(before)
+        elif before is not None:
+            config._attn_implementation = before
+        model.train(training)
+    unread = [layer.index for layer in cache.oscar_layers if layer.host_length == 0]
+    if len(unread) == len(cache.oscar_layers):
+        return f"{cls} never writes to the OScaR cache layers it is given (its attention keeps a cache of its own)"
+    err = float((ours - plain).norm() / plain.norm().clamp_min(1e-30))
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if not err <= tol:
+        return (
+            f"{cls}'s attention over an OScaR cache differs from transformers' with nothing quantized (relative logit "
+            f"difference {err:.2g} > {tol:g}): it is not plain softmax attention over the cached keys/values (e.g. "
+            "differential attention, score terms or cache reads outside the attention interface)"
+        )
     return None
 
 
@@ -760,6 +873,10 @@ class OScaRGenerate:
             cache = OScaRCache(self.model.config, need, self.oscar_config, capacity=capacity, **self.cache_kwargs)
         self._lent.append(cache)
         self._allocate(cache, rows)
+        report = getattr(self.model, "oscar_report", None)  # oscar.compile's report lists kept layers one by one
+        if report is not None and hasattr(report, "add_skipped"):
+            for i, why in cache.kept_layers.items():
+                report.add_skipped(f"OScaRCache.layers[{i}]", f"kept in transformers' form: {why}")
         return cache
 
     def _allocate(self, cache: OScaRCache, rows: int) -> None:
@@ -808,6 +925,11 @@ def use_oscar_cache(model, oscar_config: Optional[OScaRConfig] = None, max_cache
     if reason is not None:
         warnings.warn(f"use_oscar_cache: model left untouched: {reason}", UserWarning, stacklevel=2)
         return model
+    kept = OScaRCache(model.config, 1, config, **cache_kwargs).kept_layers  # layers only, nothing allocated
+    unasked = {i: why for i, why in kept.items() if why != "sliding_attention"}  # quantize_sliding=False: asked for
+    if unasked:
+        listed = "; ".join(f"layer {i}: {why}" for i, why in unasked.items())
+        warnings.warn(f"use_oscar_cache: {len(unasked)} layer(s) keep transformers' cache: {listed}", UserWarning, stacklevel=2)
     use_oscar_attention(model)
     current = model.__dict__.get("generate")
     inner = current.inner if isinstance(current, OScaRGenerate) else current

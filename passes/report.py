@@ -84,8 +84,12 @@ class OScaRReport:
         for name, reason in self.skipped:
             lines.append(f"  skipped {name}: {reason}")
         if self.kv_bytes_bf16:
-            ratio = self.kv_bytes_bf16 / max(self.kv_bytes_oscar, 1)
+            ours = max(self.kv_bytes_oscar, 1)
+            if self.kv_bytes_bf16 >= ours:
+                size = f"{self.kv_bytes_bf16 / ours:.2f}x smaller"
+            else:  # short caches: the full-precision residual window and per-group scales outweigh the codes
+                size = f"{ours / self.kv_bytes_bf16:.2f}x larger"
             lines.append(
-                f"  KV cache: {self.kv_bytes_bf16:,} B full precision -> {self.kv_bytes_oscar:,} B OScaR ({ratio:.2f}x smaller)"
+                f"  KV cache: {self.kv_bytes_bf16:,} B full precision -> {self.kv_bytes_oscar:,} B OScaR ({size})"
             )
         return "\n".join(lines)
