@@ -334,15 +334,18 @@ def main(argv=None):
     types = args.types.split(",") if args.types else all_types()
     if args.start:
         types = [t for t in types if t >= args.start]
-    results = run_sweep(types, args.timeout, set(filter(None, args.compile_types.split(","))))
-    if args.json:
-        old = {}
-        if os.path.exists(args.json):
-            with open(args.json) as f:
-                old = {r["type"]: r for r in json.load(f).get("results", [])}
-        old.update({r["type"]: r for r in results})
-        with open(args.json, "w") as f:
-            json.dump({"results": sorted(old.values(), key=lambda r: r["type"])}, f, indent=1, default=str)
+    compile_types = set(filter(None, args.compile_types.split(",")))
+    results = []
+    for t in types:  # the JSON is updated after every type (an interrupted sweep keeps what it ran)
+        results += run_sweep([t], args.timeout, compile_types)
+        if args.json:
+            old = {}
+            if os.path.exists(args.json):
+                with open(args.json) as f:
+                    old = {r["type"]: r for r in json.load(f).get("results", [])}
+            old.update({r["type"]: r for r in results})
+            with open(args.json, "w") as f:
+                json.dump({"results": sorted(old.values(), key=lambda r: r["type"])}, f, indent=1, default=str)
     md = markdown(results)
     if args.markdown:
         with open(args.markdown, "w") as f:
