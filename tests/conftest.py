@@ -31,3 +31,14 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo_per_module():
+    # compiled entries of shared code objects (a test model's forward, transformers' forward) count toward
+    # Dynamo's recompile limit across modules: each test module starts from a clean Dynamo
+    torch._dynamo.reset()
+    yield
