@@ -215,10 +215,11 @@ class OScaRLayer(CacheLayerMixin):
         if positions is None:
             positions = torch.arange(t, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(t)
-        keys, values = self.keys, self.values
         if self.first_step:  # a Python bool: Dynamo guards on it and replays the store
             self.first_step = False
             keys, values = self._deciding
+        else:
+            keys, values = self.keys, self.values
         keys.index_copy_(2, positions, key_states)
         values.index_copy_(2, positions, value_states)
         return keys, values
@@ -515,6 +516,11 @@ def oscar_attention_forward(
                 f"layer {getattr(module, 'layer_idx', '?')}: attention dropout {dropout} (the module is in train()) "
                 "over an OScaR cache; the OScaR cache is inference-only: call model.eval(), or run without a cache "
                 "(use_cache=False)"
+            )
+        if kwargs.get("s_aux") is not None:
+            raise NotImplementedError(
+                f"layer {getattr(module, 'layer_idx', '?')}: attention sinks (s_aux, an extra softmax logit per head) "
+                "over an OScaR cache; OScaR attention has no sink term (hf_unsupported_reason declines such models)"
             )
         if sliding_window is not None and key.window != sliding_window:
             raise ValueError(
