@@ -131,6 +131,17 @@ class KVView(NamedTuple):
 # re-creates the instances for each trace anyway, so writes and the attention of one trace share it.
 
 
+def _sources_hash() -> str:
+    import hashlib
+    import pathlib
+
+    here = pathlib.Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in ("kv_tensor.py", "ops.py"))).hexdigest()[:16]
+
+
+_SOURCES_HASH = _sources_hash()
+
+
 def _is_real(t: torch.Tensor) -> bool:
     """A tensor of an eager step (not a fake/functional tensor of a trace)."""
     return type(t) is torch.Tensor and not t.is_meta and not torch._is_functional_tensor(t)
@@ -236,8 +247,10 @@ class _OScaRHalf(TorchAOBaseTensor):
         return self._with_view(self.view, stored_empty=bool(stored_empty))
 
     def _stable_hash_for_caching(self) -> str:
+        # Inductor/AOT cache keys see this string, not the dispatch code below: the sources' hash makes a
+        # compiled artifact go stale when this module or the ops change
         attrs = {n: getattr(self, n) for n in self.tensor_attribute_names}
-        return f"{type(self).__qualname__}{sorted(attrs.items())!r}"
+        return f"{type(self).__qualname__}{sorted(attrs.items())!r}{_SOURCES_HASH}"
 
     def nbytes_quantized(self) -> int:
         """Exact bytes held by this half's inner tensors."""

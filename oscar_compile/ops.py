@@ -630,16 +630,32 @@ def choose_key_flags(
     )  # fmt: skip
 
 
+@torch.library.custom_op("oscar::refresh_key_flags", mutates_args=("key_rotated", "key_scaled"))
+def _refresh_key_flags_op(key_rotated: Tensor, key_scaled: Tensor, lengths: Tensor, rotated: Tensor, scaled: Tensor) -> None:
+    # key_rotated/key_scaled, rotated/scaled: [Hkv] bool; lengths: [B] int. Opaque on purpose: as plain ops,
+    # Inductor recomputed the where() of the copy-back after attend_append had advanced ``lengths`` in place,
+    # so the decided flags were never stored (the quantized blocks used them; later steps read the old ones)
+    fresh = (lengths == 0).all()
+    key_rotated.copy_(torch.where(fresh, rotated, key_rotated))
+    key_scaled.copy_(torch.where(fresh, scaled, key_scaled))
+
+
+@_refresh_key_flags_op.register_fake
+def _(key_rotated, key_scaled, lengths, rotated, scaled):
+    return None
+
+
 def refresh_key_flags(
     key_rotated: Tensor, key_scaled: Tensor, lengths: Tensor, rotated, scaled
 ) -> None:
     """Write ``rotated``/``scaled`` (bool ``[Hkv]`` tensors or bools) into the cache's per-head key flags, in place,
     only while the layer stores no token (every ``lengths`` 0): the flags of stored blocks never change.
-    Device-side (no host sync); plain torch ops, so a compiled graph fuses them."""
-    fresh = (lengths == 0).all()
-    for flags, new in ((key_rotated, rotated), (key_scaled, scaled)):
-        new = torch.as_tensor(new, dtype=torch.bool, device=flags.device)
-        flags.copy_(torch.where(fresh, new, flags))
+    Device-side (no host sync), ``oscar::refresh_key_flags``."""
+    rotated, scaled = (
+        torch.full_like(flags, new) if isinstance(new, bool) else new.to(torch.bool)
+        for flags, new in ((key_rotated, rotated), (key_scaled, scaled))
+    )
+    torch.ops.oscar.refresh_key_flags(key_rotated, key_scaled, lengths, rotated, scaled)
 
 
 def left_pads(mask: Tensor, positions: Tensor, batch: int) -> Tensor:
