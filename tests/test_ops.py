@@ -192,3 +192,17 @@ def test_choose_key_flags_op_and_refresh():
     assert flags[0].tolist() == [False, False] and flags[1].tolist() == [True, True]
     ops.refresh_key_flags(*flags, torch.zeros(2, dtype=torch.int32), torch.tensor([True, False]), False)
     assert flags[0].tolist() == [True, False] and flags[1].tolist() == [False, False]
+
+
+@pytest.mark.parametrize("stored", [0, 5])
+def test_refresh_key_flags_writes_only_while_the_layer_is_empty(stored):
+    rotated, scaled = torch.tensor([False, True]), torch.tensor([True, True])
+    lengths = torch.tensor([0, stored], dtype=torch.int32)
+    new_r, new_s = torch.tensor([True, False]), torch.tensor([False, True])
+    torch.library.opcheck(torch.ops.oscar.refresh_key_flags.default, (rotated.clone(), scaled.clone(), lengths, new_r, new_s))
+    ops.refresh_key_flags(rotated, scaled, lengths, new_r, new_s)
+    want = (new_r, new_s) if stored == 0 else (torch.tensor([False, True]), torch.tensor([True, True]))
+    assert torch.equal(rotated, want[0]) and torch.equal(scaled, want[1])
+    ops.refresh_key_flags(rotated, scaled, lengths, False, True)  # bools: every head alike
+    if stored == 0:
+        assert torch.equal(rotated, torch.tensor([False, False])) and torch.equal(scaled, torch.tensor([True, True]))
