@@ -76,7 +76,11 @@ def sync_positions(keys: OScaRKeyCache, values: OScaRValueCache, position, from_
     ok = ok & torch.all(synced == start)
     if from_zero:
         ok = ok & torch.all(start == 0)
-    torch._assert_async(ok, "oscar_compile: KV cache written out of order (OScaR caches append at the stored length)")
+    torch._assert_async(
+        ok,
+        "oscar_compile: KV cache written out of order (OScaR caches append at the stored length; a new sequence "
+        "starts at position 0, as must the first call after model.to(dtype), which starts fresh OScaR state)",
+    )
     torch._assert_async(torch.all(last < keys.max_len), "oscar_compile: KV cache overflow (write past max_len)")
     if aligned:
         same = torch.ones((), dtype=torch.bool, device=lengths.device)
