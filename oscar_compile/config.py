@@ -9,7 +9,7 @@ from .kernels.cache_layout import CacheFormat, check_triton_format
 from .kernels.key_transform import FALLBACK_FLAGS
 from .kernels.packing import SUPPORTED_BITS
 
-__all__ = ["AUTO", "OScaRConfig"]
+__all__ = ["AUTO", "OScaRConfig", "initial_key_flags"]
 
 AUTO = "auto"
 
@@ -80,9 +80,8 @@ class OScaRConfig:
 
     @property
     def initial_key_flags(self) -> tuple[bool, bool]:
-        """``(rotate, scale)`` every kv head holds before an "auto" decision: a fixed setting as given, "auto" as
-        ``choose_key_flags`` decides from fewer than ``group_size`` keys (``FALLBACK_FLAGS``)."""
-        return tuple(f if f != AUTO else fb for f, fb in zip((self.rotate_keys, self.token_scaling), FALLBACK_FLAGS))
+        """``(rotate, scale)`` every kv head holds before an "auto" decision (:func:`initial_key_flags`)."""
+        return initial_key_flags(self.rotate_keys, self.token_scaling)
 
     @classmethod
     def paper(cls, **overrides) -> "OScaRConfig":
@@ -102,3 +101,9 @@ class OScaRConfig:
 
     def replace(self, **changes) -> "OScaRConfig":
         return replace(self, **changes)
+
+
+def initial_key_flags(rotate_keys, token_scaling) -> tuple[bool, bool]:
+    """``(rotate, scale)`` before an "auto" decision: a fixed setting as given, "auto" as ``choose_key_flags``
+    decides from fewer than ``group_size`` keys (``FALLBACK_FLAGS``)."""
+    return tuple(fb if f == AUTO else f for f, fb in zip((rotate_keys, token_scaling), FALLBACK_FLAGS))

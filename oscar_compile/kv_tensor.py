@@ -96,7 +96,7 @@ with quiet_torchao_import():
     from torchao.utils import TorchAOBaseTensor
 
 from . import ops  # noqa: E402  (after torchao's quiet import)
-from .config import OScaRConfig
+from .config import OScaRConfig, initial_key_flags
 from .kernels.cache_layout import CacheFormat, CacheTensors, allocate_cache
 from .kernels.quantization import QuantizedKeys, QuantizedValues, dequantize_keys, dequantize_values
 
@@ -697,6 +697,24 @@ def _(func, types, args, kwargs):
     return self._apply_fn_to_data(lambda x: x.clone())
 
 
+def decide_key_flags(keys: OScaRKeyCache, new_keys: Optional[torch.Tensor], query, skip=None) -> None:
+    """The one place a layer's "auto" key flags are decided (module docstring, "Adaptive key flags").
+
+    keys: the layer's key half; new_keys ``[B, Hkv, T, D]`` and query ``[B, Hq, T, D]`` of the step, skip
+    ``[B]`` left pads or None. Written into ``keys.key_rotated``/``key_scaled`` only while the layer stores
+    no token (device-side check). A step of fewer than ``group_size`` keys offers the initial flags (what
+    the choice gives for so few keys) without running it. A no-op for halves that do not decide.
+    """
+    if keys.key_decision is None or new_keys is None:
+        return
+    t = new_keys.shape[2]
+    if isinstance(t, int) and t < keys.group_size:
+        rotated, scaled = initial_key_flags(*keys.key_decision)
+    else:  # a symbolic T (dynamic prompt lengths) may be either
+        rotated, scaled = ops.choose_key_flags(new_keys, query, skip, keys.bits, keys.group_size, *keys.key_decision)
+    ops.refresh_key_flags(keys.key_rotated, keys.key_scaled, keys.lengths, rotated, scaled)
+
+
 def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
     """``oscar::sdpa`` over a layer's cache halves: attend to stored + pending tokens, then append them."""
     if not (isinstance(keys, OScaRKeyCache) and isinstance(values, OScaRValueCache)):
@@ -716,11 +734,7 @@ def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
         skip = ops.left_pads(attn_mask, positions, b)
     cache = cache_tensors(keys, values)
     fmt = keys.fmt
-    if new_k is not None and keys.key_decision is not None and new_k.shape[2] >= keys.group_size:
-        # "auto" key flags: decided from this step's keys and queries before it attends and appends, kept
-        # only if the layer holds no token yet (module docstring, "Adaptive key flags")
-        rotated, scaled = ops.choose_key_flags(new_k, q, skip, keys.bits, keys.group_size, *keys.key_decision)
-        ops.refresh_key_flags(keys.key_rotated, keys.key_scaled, keys.lengths, rotated, scaled)
+    decide_key_flags(keys, new_k, q, skip)  # before the step attends and appends
     if new_k is None:
         out = ops.attention(q, cache, fmt, scale=scale, softcap=softcap, window=keys.window)
     else:  # one op, so Inductor re-inplaces the append (ops.attend_append explains)

@@ -38,9 +38,9 @@ from torch import fx
 from torch._dynamo.source import ConstantSource
 from torch._dynamo.utils import counters
 
-from ..config import AUTO
-from ..kernels.key_transform import FALLBACK_FLAGS
-from ..kv_tensor import OScaRKeyCache, OScaRValueCache, cache_tensors, is_oscar_cache, layer_nbytes, new_kv_cache
+from ..kv_tensor import (
+    OScaRKeyCache, OScaRValueCache, cache_tensors, decide_key_flags, is_oscar_cache, layer_nbytes, new_kv_cache,
+)  # fmt: skip
 from .cache_trace import layer_index, root
 from .graph import clean_path, meta_val, mutations, op_name, shape_of, source_name
 from .report import OScaRReport, SiteRecord
@@ -125,13 +125,7 @@ def cache_step(
     fmt = keys.fmt
     if first:
         sync_positions(keys, values, position, from_zero, aligned)
-        if keys.key_decision is not None:  # "auto": kept only while the layer holds no token
-            t = new_keys.shape[2]
-            if isinstance(t, int) and t < fmt.group_size:  # what the choice gives for so few keys
-                rotated, scaled = (fb if f == AUTO else f for f, fb in zip(keys.key_decision, FALLBACK_FLAGS))
-            else:  # a symbolic T (dynamic prompt lengths) may be either
-                rotated, scaled = ops.choose_key_flags(new_keys, query, None, fmt.bits, fmt.group_size, *keys.key_decision)
-            ops.refresh_key_flags(keys.key_rotated, keys.key_scaled, keys.lengths, rotated, scaled)
+        decide_key_flags(keys, new_keys, query)  # "auto": kept only while the layer holds no token
     cache = cache_tensors(keys, values)
     if not last:
         return ops.attention(query, cache, fmt, new_keys, new_values, scale=scale, softcap=softcap, window=window)
