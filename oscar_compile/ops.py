@@ -64,6 +64,7 @@ from .kernels.attention_ref import masked_softmax
 from .kernels.cache_attention import cache_attention_ref
 from .kernels.cache_layout import CacheFormat, CacheTensors
 from .kernels.key_transform import choose_key_flags as _choose_key_flags
+from .kernels.new_token_attention import DENSE_MIN_QUERIES, causal_attention
 
 __all__ = [
     "append_kv", "attend_append", "attention", "check_overflow", "choose_key_flags", "left_pads",
@@ -310,10 +311,27 @@ def _attend_append_impl(query, cache, fmt, new_keys, new_values, skip, scale, so
         append = triton_launcher("append_kv") or append
         if attend is not cache_attention_ref:  # the reference needs no hint
             kw["stored_empty"] = stored_empty
+    elif stored_empty and _dense_prompt_on_cpu(query, new_keys, softcap, window):
+        # a long first step (prefill) on CPU: nothing stored, so its attention is causal self-attention, which
+        # PyTorch's SDPA does without the reference's full T x T score matrix in fp32
+        attend = _own_tokens_attention
     with _direct_triton_launches():
         out = attend(query, cache, fmt, new_keys, new_values, skip, **kw)
         append(cache, fmt, new_keys, new_values, skip)
     return out.contiguous()
+
+
+def _own_tokens_attention(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window) -> Tensor:
+    """``cache_attention_ref`` for a step on an empty cache: causal attention of its own tokens (pads excluded)."""
+    return causal_attention(query, new_keys, new_values, skip, scale)
+
+
+def _dense_prompt_on_cpu(query: Tensor, new_keys: Optional[Tensor], softcap, window) -> bool:
+    # query [B, Hq, T, D]: a prefill-length CPU step without softcap / sliding window (the reference keeps those)
+    return (
+        query.device.type == "cpu" and new_keys is not None and softcap is None and window is None
+        and query.shape[2] >= DENSE_MIN_QUERIES
+    )  # fmt: skip
 
 
 def _direct_triton_launches():

@@ -206,3 +206,21 @@ def test_refresh_key_flags_writes_only_while_the_layer_is_empty(stored):
     ops.refresh_key_flags(rotated, scaled, lengths, False, True)  # bools: every head alike
     if stored == 0:
         assert torch.equal(rotated, torch.tensor([False, False])) and torch.equal(scaled, torch.tensor([True, True]))
+
+
+@settings(max_examples=6, deadline=None)
+@given(t=st.integers(64, 90), group=st.sampled_from([1, 3]), pads=st.integers(0, 5), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_cpu_prefill_on_an_empty_cache_equals_the_reference(t, group, pads, dtype):
+    # a long first step (stored_empty) on CPU attends with PyTorch's SDPA: same output, same stored state
+    fmt = CacheFormat(2, 32, 32, True)
+    q = randn((2, 2 * group, t, 32), dtype, seed=0)
+    k, v = randn((2, 2, t, 32), dtype, seed=1), randn((2, 2, t, 32), dtype, seed=2)
+    skip = torch.tensor([0, pads], dtype=torch.int32)
+    fast, ref = allocate_cache(2, 2, 128, 32, fmt, dtype), allocate_cache(2, 2, 128, 32, fmt, dtype)
+    out = ops.attend_append(q, fast, fmt, k, v, skip, stored_empty=True)
+    want = cache_attention_ref(q, ref, fmt, k, v, skip)
+    append_kv_ref(ref, fmt, k, v, skip)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, want, atol=tol, rtol=tol)
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
