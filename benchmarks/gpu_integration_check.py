@@ -33,6 +33,15 @@ import oscar_compile.ops  # noqa: F401  (registers torch.ops.oscar.*)
 RESULTS: dict = {}
 
 
+def cache_arg(cache) -> dict:
+    """``{"cache": cache}`` where models take ``cache=`` (transformers 5.2x), else ``{"past_key_values": cache}``."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return {"cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values": cache}
+
+
 def check(name):
     def deco(fn):
         def run(*args, **kwargs):
@@ -270,10 +279,10 @@ def check_generate(device):
 
     model.set_attn_implementation("eager")
     ref = logits(_reference_cache(config, cfg))
-    ref_tokens = model.generate(chunks[0], past_key_values=_reference_cache(config, cfg), max_new_tokens=40, do_sample=False, pad_token_id=0)
+    ref_tokens = model.generate(chunks[0], **cache_arg(_reference_cache(config, cfg)), max_new_tokens=40, do_sample=False, pad_token_id=0)
     use_oscar_attention(model)
     got = logits(OScaRCache(config, 400, cfg))
-    tokens = model.generate(chunks[0], past_key_values=OScaRCache(config, 400, cfg), max_new_tokens=40, do_sample=False, pad_token_id=0)
+    tokens = model.generate(chunks[0], **cache_arg(OScaRCache(config, 400, cfg)), max_new_tokens=40, do_sample=False, pad_token_id=0)
     err = max((a - b).abs().max().item() for a, b in zip(ref, got))
     scale = max(r.abs().max().item() for r in ref)
     agree = float((ref_tokens[0, 300:] == tokens[0, 300:]).float().mean())
@@ -343,13 +352,13 @@ def check_generate_compiled(device):
     greedy = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0, output_logits=True,
                   return_dict_in_generate=True)  # min_new_tokens: no early EOS, so every step has logits
     prompts = [torch.randint(1, 512, (1, n), device=device) for n in (260, 190)]
-    solo = [model.generate(p, past_key_values=OScaRCache(config, 300, cfg), **greedy) for p in prompts]
+    solo = [model.generate(p, **cache_arg(OScaRCache(config, 300, cfg)), **greedy) for p in prompts]
     ids = torch.cat([torch.cat([torch.zeros(1, 260 - p.shape[1], dtype=torch.long, device=device), p], 1) for p in prompts])
     mask = torch.cat([(torch.arange(260, device=device) >= 260 - p.shape[1]).long()[None] for p in prompts])
     model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
     torch._dynamo.reset()
     counters.clear()
-    out = model.generate(ids, attention_mask=mask, past_key_values=OScaRCache(config, 300, cfg), **greedy)
+    out = model.generate(ids, attention_mask=mask, **cache_arg(OScaRCache(config, 300, cfg)), **greedy)
     agree, errs = [], []
     for i, s in enumerate(solo):
         a, b = out.sequences[i, 260:], s.sequences[0, prompts[i].shape[1] :]

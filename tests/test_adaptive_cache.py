@@ -23,7 +23,7 @@ from oscar_compile.kernels import choose_key_flags
 from oscar_compile.kernels.key_transform import key_transform_errors
 from oscar_compile.kv_tensor import kv_cache_from_hp, new_kv_cache
 from test_hf_cache import ATOL, GREEDY, chunks, oscar, run, tiny
-from testing_utils import randn
+from testing_utils import cache_arg, randn
 
 AUTO = OScaRConfig(residual_length=32)  # the default: rotate_keys="auto", keys scaled, values rotated
 PAPER = OScaRConfig.paper(residual_length=32)
@@ -174,8 +174,8 @@ def test_batch_shares_one_decision():
         assert torch.equal(layer.keys.key_rotated, want[0]) and torch.equal(layer.keys.key_scaled, want[1])
     # the same prompt twice decides as it does alone, so each row then matches the solo run exactly
     p = prompts[0]
-    solo = model.generate(p, past_key_values=OScaRCache(config, 128, AUTO), max_new_tokens=20, **GREEDY)
-    twice = model.generate(torch.cat([p, p]), past_key_values=OScaRCache(config, 128, AUTO), max_new_tokens=20, **GREEDY)
+    solo = model.generate(p, **cache_arg(OScaRCache(config, 128, AUTO)), max_new_tokens=20, **GREEDY)
+    twice = model.generate(torch.cat([p, p]), **cache_arg(OScaRCache(config, 128, AUTO)), max_new_tokens=20, **GREEDY)
     assert torch.equal(twice[0], solo[0]) and torch.equal(twice[1], solo[0])
 
 

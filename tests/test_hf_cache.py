@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from oscar_compile import OScaRConfig, fake_quantize
 from oscar_compile.hf_cache import OScaRCache, OScaRLayer, cache_kwarg_name, use_oscar_attention, use_oscar_cache
+from testing_utils import cache_arg
 from oscar_compile.kv_tensor import cache_tensors, is_oscar_cache
 
 # fixed key flags (the paper's): batch items stay independent; small blocks: a 70-token prompt quantizes two
@@ -149,8 +150,8 @@ def test_inductor_prefill_and_decode_with_left_padding():
 def test_greedy_generate_matches_reference(arch):
     model, config = tiny(arch)
     prompt = chunks()[0]
-    ref = reference(model).generate(prompt, past_key_values=FakeQuantCache(2), max_new_tokens=30, **GREEDY)
-    got = oscar(model).generate(prompt, past_key_values=OScaRCache(config, 100, CFG), max_new_tokens=30, **GREEDY)
+    ref = reference(model).generate(prompt, **cache_arg(FakeQuantCache(2)), max_new_tokens=30, **GREEDY)
+    got = oscar(model).generate(prompt, **cache_arg(OScaRCache(config, 100, CFG)), max_new_tokens=30, **GREEDY)
     assert torch.equal(got, ref)
 
 
@@ -160,12 +161,12 @@ def test_batched_prompts_of_different_lengths_match_solo(arch):
     oscar(model)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 256, (1, n), generator=gen) for n in (70, 37, 64)]
-    solo = [model.generate(p, past_key_values=OScaRCache(config, 128, CFG), max_new_tokens=25, **GREEDY)[0, p.shape[1] :] for p in prompts]
+    solo = [model.generate(p, **cache_arg(OScaRCache(config, 128, CFG)), max_new_tokens=25, **GREEDY)[0, p.shape[1] :] for p in prompts]
     width = max(p.shape[1] for p in prompts)
     ids = torch.cat([torch.cat([torch.zeros(1, width - p.shape[1], dtype=torch.long), p], 1) for p in prompts])
     mask = torch.cat([(torch.arange(width) >= width - p.shape[1]).long()[None] for p in prompts])
     cache = OScaRCache(config, 128, CFG)
-    batch = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=25, **GREEDY)[:, width:]
+    batch = model.generate(ids, attention_mask=mask, **cache_arg(cache), max_new_tokens=25, **GREEDY)[:, width:]
     for b, s in enumerate(solo):
         assert torch.equal(batch[b], s), f"prompt {b}"
     assert cache.layers[0].keys.offsets.tolist() == [0, 33, 6]  # left pads skipped, never stored
@@ -175,8 +176,8 @@ def test_beam_search_matches_reference():
     model, config = tiny("llama")
     prompt = chunks()[0]
     beams = dict(num_beams=3, num_return_sequences=3, max_new_tokens=12, **GREEDY)
-    ref = reference(model).generate(prompt, past_key_values=FakeQuantCache(2), **beams)
-    got = oscar(model).generate(prompt, past_key_values=OScaRCache(config, 96, CFG), **beams)
+    ref = reference(model).generate(prompt, **cache_arg(FakeQuantCache(2)), **beams)
+    got = oscar(model).generate(prompt, **cache_arg(OScaRCache(config, 96, CFG)), **beams)
     assert torch.equal(got, ref)
 
 
@@ -312,14 +313,14 @@ def test_sliding_layers_kept_in_bf16_when_asked():
     model, config = tiny("gemma2")
     cache = OScaRCache(config, 128, CFG, quantize_sliding=False)
     assert cache.kept_layers == {0: "sliding_attention"} and not isinstance(cache.layers[0], OScaRLayer)
-    out = oscar(model).generate(chunks()[0], past_key_values=cache, max_new_tokens=8, **GREEDY)
+    out = oscar(model).generate(chunks()[0], **cache_arg(cache), max_new_tokens=8, **GREEDY)
     assert out.shape == (1, 78) and cache.memory_report()["kept_layers"] == {0: "sliding_attention"}
 
 
 def test_use_oscar_cache_hook_makes_generate_use_it():
     model, config = tiny("qwen2")
     prompt = chunks()[0]
-    explicit = oscar(model).generate(prompt, past_key_values=OScaRCache(config, 90, CFG), max_new_tokens=20, **GREEDY)
+    explicit = oscar(model).generate(prompt, **cache_arg(OScaRCache(config, 90, CFG)), max_new_tokens=20, **GREEDY)
     use_oscar_cache(model, CFG)
     seen = []
     original = OScaRLayer.update
@@ -369,14 +370,14 @@ def test_generate_compiled_by_transformers_one_graph_across_calls():
     model, config = tiny("gemma2")
     oscar(model)
     prompt = chunks()[0]
-    eager = model.generate(prompt, past_key_values=OScaRCache(config, 128, CFG), max_new_tokens=12, **GREEDY)
+    eager = model.generate(prompt, **cache_arg(OScaRCache(config, 128, CFG)), max_new_tokens=12, **GREEDY)
     compile_config = tf.CompileConfig(fullgraph=True, backend="aot_eager")
     compile_config._compile_all_devices = True
     model.generation_config.compile_config = compile_config
     torch._dynamo.reset()
     counters.clear()
     for _ in range(2):  # a fresh OScaRCache per call reuses the graph
-        got = model.generate(prompt, past_key_values=OScaRCache(config, 128, CFG), max_new_tokens=12, **GREEDY)
+        got = model.generate(prompt, **cache_arg(OScaRCache(config, 128, CFG)), max_new_tokens=12, **GREEDY)
         assert torch.equal(got, eager)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
@@ -389,6 +390,6 @@ def test_head_dim_not_multiple_of_group_kept_in_transformers_layers():
     assert not cache.oscar_layers and set(cache.kept_layers) == {0, 1}
     assert "head_dim 48" in cache.kept_layers[0]
     prompt = chunks()[0]
-    want = model.generate(prompt, past_key_values=tf.StaticCache(config_48, 128), max_new_tokens=10, **GREEDY)
-    got = oscar(model).generate(prompt, past_key_values=cache, max_new_tokens=10, **GREEDY)
+    want = model.generate(prompt, **cache_arg(tf.StaticCache(config_48, 128)), max_new_tokens=10, **GREEDY)
+    got = oscar(model).generate(prompt, **cache_arg(cache), max_new_tokens=10, **GREEDY)
     assert torch.equal(got, want)

@@ -28,3 +28,13 @@ def poisoned_cache(device, batch, heads, max_len, dim, fmt, dtype, rot, scl):
     for name in ("key_mn", "key_scale", "key_norms", "value_mn", "value_scale", "residual_keys", "residual_values"):
         getattr(cache, name).fill_(float("nan"))
     return cache
+
+
+def cache_arg(cache) -> dict:
+    """``{"cache": cache}`` on transformers versions whose models take ``cache=`` (5.2x), else
+    ``{"past_key_values": cache}`` (5.17): keyword arguments for ``generate`` / ``forward``."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return {"cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values": cache}
