@@ -99,6 +99,16 @@ class OScaRConfig:
         """KIVI: plain per-channel keys / per-token values, nothing rotated or scaled."""
         return cls(**{"rotate_keys": False, "rotate_values": False, "token_scaling": False, **overrides})
 
+    @property
+    def cache_format(self) -> CacheFormat:
+        """The kernels' :class:`~oscar_compile.kernels.CacheFormat` of this config (the one conversion)."""
+        return CacheFormat(self.bits, self.group_size, self.residual_length, self.rotate_values)
+
+    def capacity(self, length: int) -> int:
+        """Token slots a cache allocates for ``length`` positions: whole residual blocks (the one rounding)."""
+        r = self.residual_length
+        return -(-length // r) * r
+
     def replace(self, **changes) -> "OScaRConfig":
         return replace(self, **changes)
 

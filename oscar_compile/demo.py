@@ -24,7 +24,7 @@ import torch
 
 from . import assets
 from .config import OScaRConfig
-from .kernels.cache_layout import CacheFormat, allocate_cache, cache_nbytes
+from .kernels.cache_layout import allocate_cache, cache_nbytes
 
 INSTRUCTION = "\n\nSummarize the text above in two sentences."
 
@@ -41,9 +41,8 @@ def kv_bytes(model_config, context: int, config: OScaRConfig, batch: int = 1) ->
     cfg = model_config.get_text_config(decoder=True)
     kv_heads = cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    max_len = -(-context // config.residual_length) * config.residual_length
-    fmt = CacheFormat(config.bits, config.group_size, config.residual_length, config.rotate_values)
-    layer = allocate_cache(batch, kv_heads, max_len, head_dim, fmt, torch.bfloat16, device="meta")
+    layer = allocate_cache(batch, kv_heads, config.capacity(context), head_dim, config.cache_format, torch.bfloat16,
+                           device="meta")  # fmt: skip
     per_layer_bf16 = 2 * batch * kv_heads * context * head_dim * 2
     return cfg.num_hidden_layers * per_layer_bf16, cfg.num_hidden_layers * cache_nbytes(layer)
 

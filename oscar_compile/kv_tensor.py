@@ -393,9 +393,9 @@ def new_kv_cache(
     docstring).
     """
     r = config.residual_length
-    m = -(-max_len // r) * r
+    m = config.capacity(max_len)
     length = max_len if exact_len else m
-    fmt = CacheFormat(config.bits, config.group_size, r, config.rotate_values)
+    fmt = config.cache_format
     rotate0, scale0 = config.initial_key_flags  # "auto": what choose_key_flags gives before it sees a group
     c = allocate_cache(batch, kv_heads, m, head_dim, fmt, dtype, device, rotate0, scale0)
     offsets = torch.zeros(batch, dtype=torch.int32, device=device)

@@ -38,3 +38,11 @@ def test_frozen():
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"OScaRConfig.{field}"):
         OScaRConfig(**kwargs)
+
+
+@pytest.mark.parametrize("residual", [32, 128])
+def test_capacity_and_cache_format_are_derived_once(residual):
+    config = OScaRConfig(residual_length=residual)
+    assert [config.capacity(n) for n in (1, residual, residual + 1, 3 * residual)] == [residual, residual, 2 * residual, 3 * residual]
+    fmt = config.cache_format
+    assert (fmt.bits, fmt.group_size, fmt.residual_length, fmt.rotate_values) == (2, 32, residual, True)
