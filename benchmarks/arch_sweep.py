@@ -65,7 +65,7 @@ _SIZES = {
 }  # fmt: skip
 _KV = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_n_heads", "multi_query_group_num")
 _CAPPED = {"num_experts_per_tok": 2, "moe_topk": 2, "moe_top_k": 2, "n_group": 1, "topk_group": 1, "index_topk": 64,
-           "first_k_dense_replace": 1, "max_position_embeddings": 4096, "max_seq_len": 4096}  # fmt: skip
+           "first_k_dense_replace": 1, "rotary_dim": 16, "max_position_embeddings": 4096, "max_seq_len": 4096}  # fmt: skip
 _NOT_CONFIGS = ("id2label", "label2id", "rope_parameters", "rope_scaling", "quantization_config")
 _TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
 
@@ -94,9 +94,17 @@ def shrink_dict(d: dict, depth: int = 0) -> dict:
     for key, v in list(d.items()):  # per-layer dicts keyed by layer index keep the first two layers
         if isinstance(v, dict) and v and all(str(k).isdigit() for k in v):
             d[key] = {k: w for k, w in v.items() if int(k) < 2}
-    for key, v in list(d.items()):  # per-layer lists (layer_types, mlp_only_layers, ...) follow the layer count
+    # per-layer lists (layer_types, mlp_only_layers, ...) follow the layer count: keep two layers, of two
+    # different types where the model mixes them (a hybrid keeps one attention and one other layer)
+    kinds = d.get("layer_types")
+    keep = [0, 1]
+    if isinstance(kinds, list) and n_old and len(kinds) == n_old:
+        firsts = [kinds.index(k) for k in dict.fromkeys(kinds)]
+        attn = [i for i in firsts if "attention" in str(kinds[i])]
+        keep = sorted(list(dict.fromkeys(attn[:1] + firsts + [0, 1]))[:2])
+    for key, v in list(d.items()):
         if isinstance(v, list) and n_old and n_old != 2 and len(v) == n_old:
-            d[key] = v[:2]
+            d[key] = [v[i] for i in keep]
     vocab = d.get("vocab_size")
     if isinstance(vocab, int):
         for key in _TOKENS:
@@ -322,7 +330,12 @@ def main(argv=None):
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--from-json", help="only print the markdown table of a results JSON")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            print(markdown(json.load(f)["results"]))
+        return
     if args.worker:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         import logging
