@@ -53,10 +53,14 @@ class Layer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, n_layers=2, dim=1024, heads=8, kv_heads=2, max_len=1024, batch=2, dtype=torch.bfloat16):
+    def __init__(self, n_layers=2, dim=1024, heads=8, kv_heads=2, max_len=1024, batch=2, dtype=torch.bfloat16,
+                 window=None):  # fmt: skip
         super().__init__()
         self.layers = nn.ModuleList(Layer(dim, heads, kv_heads, max_len, batch, dtype) for _ in range(n_layers))
-        self.register_buffer("causal", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)))
+        causal = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool))
+        if window is not None:  # sliding window: key j visible from query i iff i - window < j <= i
+            causal &= torch.triu(torch.ones(max_len, max_len, dtype=torch.bool), diagonal=1 - window)
+        self.register_buffer("causal", causal)
 
     def forward(self, x, pos):
         mask = self.causal[None, None, pos]
@@ -85,14 +89,14 @@ def reference(model, steps, config):
     return outs
 
 
-def check_decoder(mode):
-    name = f"decoder mode={mode or 'default'}"
+def check_decoder(mode, window=None):
+    name = f"decoder mode={mode or 'default'}" + (f" window={window}" if window else "")
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     dim, max_len, prompt, decode = (1024, 1024, 300, 24) if cuda else (256, 256, 140, 3)
     config = OScaRConfig.paper()
-    model = Decoder(dim=dim, max_len=max_len).to(dev).eval()
+    model = Decoder(dim=dim, max_len=max_len, window=window).to(dev).eval()
     ref_model = copy.deepcopy(model)
     g = torch.Generator(device=dev).manual_seed(1)
     steps = [(torch.randn(2, prompt, dim, device=dev, dtype=torch.bfloat16, generator=g), torch.arange(prompt, device=dev))]
@@ -120,6 +124,7 @@ def check_decoder(mode):
     scale = max(r.float().abs().max().item() for r in refs)
     held = all(is_oscar_cache(l.k_cache) and is_oscar_cache(l.v_cache) for l in model.layers)
     ok = held and err <= 0.02 * scale and model.oscar_report.rewritten == 2
+    ok = ok and (window is None or f"window {window}" in str(model.oscar_report))  # the window is carried
     step_ms = sorted(times)[len(times) // 2] if times else float("nan")
     RESULTS.append((name, "ok" if ok else "FAIL", f"max err {err:.4g} (scale {scale:.3g}), halves in module {held}, "
                     f"decode step {step_ms:.3f} ms (median, events), first {len(steps)} steps {wall:.1f} s"))  # fmt: skip
@@ -155,11 +160,11 @@ def check_hf():
 
 def main():
     print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", flush=True)
-    for mode in (None, "reduce-overhead"):
+    for mode, window in ((None, None), ("reduce-overhead", None), ("reduce-overhead", 100)):
         try:
-            check_decoder(mode)
+            check_decoder(mode, window)
         except Exception as e:
-            RESULTS.append((f"decoder mode={mode}", "FAIL", f"{type(e).__name__}: {str(e)[:300]}"))
+            RESULTS.append((f"decoder mode={mode} window={window}", "FAIL", f"{type(e).__name__}: {str(e)[:300]}"))
     check_hf()
     from tabulate import tabulate
 
