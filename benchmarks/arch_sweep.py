@@ -313,7 +313,7 @@ def markdown(results: list[dict]) -> str:
     ]
     for r in results:
         comp = r.get("compile_report")
-        comp = f"{comp['rewritten']} rewritten, {len(comp['skipped'])} skipped" if comp else ("error" if r.get("compile_error") else "")
+        comp = f"{comp['rewritten']} rewritten, {len(comp['skipped'])} skipped, rel2 {_fmt(r.get('compile_rel2'))}" if comp else ("error" if r.get("compile_error") else "")
         why = (r.get("error") or _why(r)).replace("|", "/").replace("\n", " ")[:140]
         lines.append(f"| {r['type']} | {r['cls']} | {_fmt(r.get('rel2'))} | {_fmt(r.get('rel4'))} | "
                      f"{_fmt(r.get('relfp'))} | {comp} | {why} |")  # fmt: skip
