@@ -8,7 +8,10 @@ Use::
 
 or :func:`use_oscar_cache` (the hook ``oscar.compile`` calls), which does both and makes ``generate``
 use an ``OScaRCache`` wherever transformers would build its default cache. :func:`hf_unsupported_reason` says
-why a model cannot take an ``OScaRCache`` at all (then ``use_oscar_cache`` leaves it untouched).
+why a model cannot take an ``OScaRCache`` at all (then ``use_oscar_cache`` leaves it untouched): rules read
+from the class and config, then a short behavioural probe (nothing quantized: OScaR must match transformers).
+Layers an ``OScaRCache`` keeps in transformers' form are listed in ``kept_layers``, warned about by
+``use_oscar_cache`` and added to ``oscar.compile``'s report.
 
 Each attention layer holds an :class:`~oscar_compile.kv_tensor.OScaRKeyCache` /
 :class:`~oscar_compile.kv_tensor.OScaRValueCache` pair in place of the bf16 ``keys``/``values`` (see that
@@ -611,7 +614,12 @@ def hf_unsupported_reason(model, oscar_config: Optional[OScaRConfig] = None) -> 
     * an additive position bias in the config (``alibi``, or ``position_embedding_type`` other than rotary /
       absolute): scores need a bias the OScaR attention does not add;
     * no attention layer the OScaR layout can hold (no full or sliding attention layer, or a head_dim that is
-      not a multiple of ``oscar_config.group_size``).
+      not a multiple of ``oscar_config.group_size``), no single head_dim (per-layer attention sizes), or a
+      layer type transformers' static cache does not know;
+    * a behavioural check, once per model (:func:`_probe_reason`): a 6-token prompt + decode step through an
+      ``OScaRCache`` (nothing quantized) must match transformers' ``DynamicCache`` to float error. It declines
+      attention that is not plain softmax over the cached keys/values (differential attention, attention
+      sinks, cache reads outside the attention interface), whatever the class flags say.
     """
     try:
         from transformers import PreTrainedModel
