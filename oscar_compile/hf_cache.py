@@ -616,7 +616,7 @@ def hf_unsupported_reason(model, oscar_config: Optional[OScaRConfig] = None) -> 
     * no attention layer the OScaR layout can hold (no full or sliding attention layer, or a head_dim that is
       not a multiple of ``oscar_config.group_size``), no single head_dim (per-layer attention sizes), or a
       layer type transformers' static cache does not know;
-    * a behavioural check, once per model (:func:`_probe_reason`): a 6-token prompt + decode step through an
+    * a behavioural check, once per model (:func:`_probe_reason`): a 5-token prompt and one decode step through an
       ``OScaRCache`` (nothing quantized) must match transformers' ``DynamicCache`` to float error. It declines
       attention that is not plain softmax over the cached keys/values (differential attention, attention
       sinks, cache reads outside the attention interface), whatever the class flags say.
