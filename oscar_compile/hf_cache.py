@@ -141,9 +141,8 @@ class OScaRLayer(CacheLayerMixin):
     def __init__(self, max_cache_len: int, config: OScaRConfig, window: Optional[int] = None, capacity: Optional[int] = None):
         super().__init__()
         self.requested_len = max_cache_len  # what a transformers StaticLayer would hold
-        r = config.residual_length
         capacity = max_cache_len if capacity is None else max(capacity, max_cache_len)
-        self.max_cache_len = -(-capacity // r) * r  # capacity: rounded up to whole residual blocks
+        self.max_cache_len = config.capacity(capacity)  # capacity: rounded up to whole residual blocks
         self.config = config
         self.window = window
         self.is_sliding = window is not None
