@@ -502,18 +502,17 @@ def _record_cache_subclass_sites(graph: fx.Graph, values, report: OScaRReport) -
         b, hkv, max_len, d = kt.shape
         qs = shape_of(node.args[0])
         name = site_name(node)
-        cache = f"{_input_name(k, values)}/{_input_name(v, values)}"
-        writes = sorted({op_name(u) for u in k.users if u is not node})
-        report.add_rewritten(
-            SiteRecord(name, "sdpa (OScaRCache)", cache, qs[1] if qs else -1, hkv, d, "attention_mask (left padding)",
-                       ",".join(writes) or "none")  # fmt: skip
-        )
         # bytes of what transformers would hold instead (window-sized sliding layers, the length asked for),
         # counted once per cache layer (its first-step and later halves are distinct graph inputs)
         accounting = layer_accounting(kt)
         if accounting is None:  # halves not from an OScaRCache: a static cache of their length (or window)
             length = max_len if kt.window is None else min(kt.window, max_len)
-            accounting = cache, 2 * b * hkv * length * d * kt.element_size()
+            accounting = f"{_input_name(k, values)}/{_input_name(v, values)}", 2 * b * hkv * length * d * kt.element_size()
+        writes = sorted({op_name(u) for u in k.users if u is not node})
+        report.add_rewritten(
+            SiteRecord(name, "sdpa (OScaRCache)", accounting[0], qs[1] if qs else -1, hkv, d,
+                       "attention_mask (left padding)", ",".join(writes) or "none")  # fmt: skip
+        )
         report.add_cache(accounting[0], accounting[1], layer_nbytes(kt, vt))
 
 
