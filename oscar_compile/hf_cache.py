@@ -65,7 +65,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from . import ops
 from .config import OScaRConfig
 from .kernels.attention_ref import masked_softmax
-from .kv_tensor import OScaRKeyCache, clear_pending, is_oscar_cache, layer_nbytes, new_kv_cache
+from .kv_tensor import OScaRKeyCache, clear_pending, is_oscar_cache, layer_nbytes, mark_static_state, new_kv_cache
 
 __all__ = [
     "OScaRCache",
@@ -173,13 +173,7 @@ class OScaRLayer(CacheLayerMixin):
         self.cumulative_length = self.cumulative_length.to(self.device)
         halves = (self.keys, self.values, *self._deciding)
         if not _is_compiling():  # static addresses: CUDA graphs capture the state in place, no input copies
-            # AOTAutograd takes a subclass input's static-ness for all its inner tensors: mark the halves.
-            # Static shapes too: a second cache length would otherwise become a symbolic dim, which the
-            # subclass's wrapper shape cannot hold (module docstring)
-            for half in halves:
-                for t in (half, *(getattr(half, name) for name in half.tensor_data_names)):
-                    torch._dynamo.mark_static_address(t)
-                    torch._dynamo.mark_static(t)
+            mark_static_state(*halves)
             torch._dynamo.mark_static_address(self.cumulative_length)
             for half in halves:
                 _LAYER_OF[half] = weakref.ref(self)

@@ -715,6 +715,35 @@ def decide_key_flags(keys: OScaRKeyCache, new_keys: Optional[torch.Tensor], quer
     ops.refresh_key_flags(keys.key_rotated, keys.key_scaled, keys.lengths, rotated, scaled)
 
 
+def mark_static_state(*halves: "_OScaRHalf") -> None:
+    """Static addresses and shapes for cache halves and their inner tensors: CUDA graphs capture the state in
+    place (AOTAutograd takes a subclass input's static-ness for all its inner tensors), and a second cache
+    length never becomes a symbolic dim, which the subclass's wrapper shape cannot hold. Call outside tracing."""
+    for half in halves:
+        for t in (half, *(getattr(half, name) for name in half.tensor_data_names)):
+            torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_static(t)
+
+
+def attend_halves(query, keys, values, new_keys=None, new_values=None, skip=None, *, scale=None, softcap=None,
+                  window=None, append=True, stored_empty=False):  # fmt: skip
+    """A step over a layer's halves: ``query`` ``[B, Hq, T, D]`` attends to the stored tokens plus ``new_*``
+    ``[B, Hkv, T, D]``; with ``append`` the same op then appends them (``oscar::attend_append``, one op, so
+    Inductor re-inplaces the append) and the value half's lengths/offsets follow the key half's."""
+    cache = cache_tensors(keys, values)
+    if new_keys is None or not append:
+        return ops.attention(query, cache, keys.fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
+    out = ops.attend_append(
+        query, cache, keys.fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window,
+        stored_empty=stored_empty,
+    )  # fmt: skip
+    if skip is not None:
+        keys.offsets.add_(skip)
+    values.lengths.copy_(keys.lengths)
+    values.offsets.copy_(keys.offsets)
+    return out
+
+
 def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
     """``oscar::sdpa`` over a layer's cache halves: attend to stored + pending tokens, then append them."""
     if not (isinstance(keys, OScaRKeyCache) and isinstance(values, OScaRValueCache)):
@@ -732,20 +761,9 @@ def cache_sdpa(query, keys, values, attn_mask=None, scale=None, softcap=None):
     skip = None
     if attn_mask is not None and new_k is not None:
         skip = ops.left_pads(attn_mask, positions, b)
-    cache = cache_tensors(keys, values)
-    fmt = keys.fmt
     decide_key_flags(keys, new_k, q, skip)  # before the step attends and appends
-    if new_k is None:
-        out = ops.attention(q, cache, fmt, scale=scale, softcap=softcap, window=keys.window)
-    else:  # one op, so Inductor re-inplaces the append (ops.attend_append explains)
-        out = ops.attend_append(
-            q, cache, fmt, new_k, new_v, skip, scale=scale, softcap=softcap, window=keys.window,
-            stored_empty=keys.stored_empty,
-        )  # fmt: skip
-        if skip is not None:
-            keys.offsets.add_(skip)
-        values.lengths.copy_(keys.lengths)
-        values.offsets.copy_(keys.offsets)
+    out = attend_halves(q, keys, values, new_k, new_v, skip, scale=scale, softcap=softcap, window=keys.window,
+                        stored_empty=keys.stored_empty)  # fmt: skip
     return out.reshape(query.shape) if packed else out
 
 

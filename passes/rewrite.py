@@ -39,7 +39,8 @@ from torch._dynamo.source import ConstantSource
 from torch._dynamo.utils import counters
 
 from ..kv_tensor import (
-    OScaRKeyCache, OScaRValueCache, cache_tensors, decide_key_flags, is_oscar_cache, layer_nbytes, new_kv_cache,
+    OScaRKeyCache, OScaRValueCache, attend_halves, decide_key_flags, is_oscar_cache, layer_nbytes, mark_static_state,
+    new_kv_cache,
 )  # fmt: skip
 from .cache_trace import layer_index, root
 from .graph import clean_path, meta_val, mutations, op_name, shape_of, source_name
@@ -120,18 +121,11 @@ def cache_step(
     attending). ``window``: a sliding window (a query at position ``p`` sees keys ``> p - window``), None for
     causal attention. Returns ``[B, Hq, T, D]`` in the query's dtype.
     """
-    from .. import ops
-
-    fmt = keys.fmt
     if first:
         sync_positions(keys, values, position, from_zero, aligned)
         decide_key_flags(keys, new_keys, query)  # "auto": kept only while the layer holds no token
-    cache = cache_tensors(keys, values)
-    if not last:
-        return ops.attention(query, cache, fmt, new_keys, new_values, scale=scale, softcap=softcap, window=window)
-    out = ops.attend_append(query, cache, fmt, new_keys, new_values, scale=scale, softcap=softcap, window=window)
-    values.lengths.copy_(keys.lengths)
-    return out
+    return attend_halves(query, keys, values, new_keys, new_values, scale=scale, softcap=softcap, window=window,
+                         append=last)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,7 +139,7 @@ class CacheSwap:
 
     owner: object
     key: str
-    half: torch.Tensor
+    half: torch.Tensor | None
     module: torch.nn.Module | None = None
 
     def apply(self) -> None:
@@ -224,10 +218,7 @@ class CacheRegistry:
             b, hkv, length, d = key.shape
         extra = {"transposed": True} if layout == "bshd" else {}
         halves = new_kv_cache(b, hkv, length, d, self.config, key.dtype, key.device, exact_len=True, **extra)
-        for half in halves:  # static addresses: CUDA graphs capture the state in place, no input copies
-            torch._dynamo.mark_static_address(half)
-            for inner in half.tensor_data_names:
-                torch._dynamo.mark_static_address(getattr(half, inner))
+        mark_static_state(*halves)
         bf16 = key.numel() * key.element_size() + value.numel() * value.element_size()
         state = ReplacedCache(name, *halves, bf16)
         for t in (key, value):
@@ -256,8 +247,9 @@ def _input_name(node: fx.Node, values) -> str:
     return node.name
 
 
-def _owner_swap(node: fx.Node, half: torch.Tensor) -> CacheSwap | str:
-    """Where the graph input ``node`` lives (its owner module's ``_buffers`` or the attribute's object)."""
+def _owner_swap(node: fx.Node) -> CacheSwap | str:
+    """Where the graph input ``node`` lives (its owner module's ``_buffers`` or the attribute's object); the
+    swap's ``half`` is filled in once the halves exist."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     src = getattr(node.meta.get("grapharg"), "source", None)
@@ -266,17 +258,17 @@ def _owner_swap(node: fx.Node, half: torch.Tensor) -> CacheSwap | str:
     if base is None or not isinstance(key, str):
         return f"cache {node.name} is not a module attribute the pass can replace (source {src and source_name(src)})"
     tx = InstructionTranslator.current_tx()
+    scope = {"L": tx.f_locals, "G": tx.f_globals}
+    base_name = source_name(base)
     try:
-        owner = eval(source_name(base), {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307 (Dynamo's own source text)
+        owner = eval(base_name, scope)  # noqa: S307 (Dynamo's own source text)
+        module = eval(base_name[: -len("._buffers")], scope) if base_name.endswith("._buffers") else None  # noqa: S307
     except Exception as e:  # a source Dynamo can read but a plain eval cannot (e.g. closures)
         return f"cache {node.name} is not a module attribute the pass can replace ({type(e).__name__}: {e})"
     if isinstance(owner, dict) and hasattr(src, "index"):
-        module = None
-        if source_name(base).endswith("._buffers"):
-            module = eval(source_name(base)[: -len("._buffers")], {"L": tx.f_locals, "G": tx.f_globals})  # noqa: S307
-        return CacheSwap(owner, key, half, module if isinstance(module, torch.nn.Module) else None)
+        return CacheSwap(owner, key, None, module if isinstance(module, torch.nn.Module) else None)
     if hasattr(src, "member") and not isinstance(owner, dict):
-        return CacheSwap(owner, key, half)
+        return CacheSwap(owner, key, None)
     return f"cache {node.name} is not a module attribute the pass can replace (source {source_name(src)})"
 
 
@@ -350,7 +342,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: CacheRegistry, r
         else:  # the first graph: allocate the halves, read them from the GraphModule, swap them in after the run
             state = registry.replaced(values[kc])
             if state is None:
-                k_swap, v_swap = (_owner_swap(n, h) for n, h in ((kc, None), (vc, None)))
+                k_swap, v_swap = _owner_swap(kc), _owner_swap(vc)
                 reason = next((s for s in (k_swap, v_swap) if isinstance(s, str)), None)
                 if reason is None and (ki is not None or vi is not None):
                     reason = "a layer of a stacked [L, B, H, S, D] cache buffer (OScaR state replaces whole per-layer caches)"
@@ -387,7 +379,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: CacheRegistry, r
 def _get_attrs(gm: fx.GraphModule, sites: list[Site], registry: CacheRegistry, state: ReplacedCache):
     """``get_attr`` nodes reading the halves registered on ``gm`` (AOT lifts them as graph inputs)."""
     graph = gm.graph
-    first = min(sites, key=lambda s: list(graph.nodes).index(s.out))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first = min(sites, key=lambda s: order[s.out])
     nodes = []
     for role, half in (("keys", state.keys), ("values", state.values)):
         attr = next((n for n, b in gm.named_buffers() if b is half), None)
