@@ -97,11 +97,13 @@ def n_copies(bytes_per_copy):
     return max(1, min(8, math.ceil(3 * L2_BYTES / max(bytes_per_copy, 1))))
 
 
-def random_cache(batch, hkv, ctx, d, fmt, gen_seed):
-    """A cache holding ctx - 1 tokens with random (finite, realistic-range) contents."""
-    max_len = -(-ctx // fmt.residual_length) * fmt.residual_length
+def random_cache(batch, hkv, ctx, d, fmt, gen_seed, device="cuda", max_len=None):
+    """A cache holding ctx - 1 tokens with random (finite, realistic-range) contents; ``max_len`` slots (default:
+    ``ctx`` rounded up to whole residual blocks)."""
+    if max_len is None:
+        max_len = -(-ctx // fmt.residual_length) * fmt.residual_length
     torch.manual_seed(gen_seed)
-    c = allocate_cache(batch, hkv, max_len, d, fmt, torch.bfloat16, "cuda")
+    c = allocate_cache(batch, hkv, max_len, d, fmt, torch.bfloat16, device)
     c.key_codes.random_(0, 256)
     c.value_codes.random_(0, 256)
     c.key_mn.normal_(0, 0.05)

@@ -36,7 +36,8 @@ if "--smoke" in sys.argv:  # the CPU run interprets the Triton kernels: set befo
 import torch  # noqa: E402
 
 from oscar_compile import ops  # noqa: E402
-from oscar_compile.kernels import CacheFormat, allocate_cache  # noqa: E402
+from decode_attention import random_cache  # noqa: E402  (same folder)
+from oscar_compile.kernels import CacheFormat  # noqa: E402
 
 SHAPE = dict(batch=1, hq=32, hkv=8, d=128, stored=1000, max_len=4096)
 
@@ -44,18 +45,7 @@ SHAPE = dict(batch=1, hq=32, hkv=8, d=128, stored=1000, max_len=4096)
 def make_case(device, smoke):
     sh = dict(SHAPE, hq=4, hkv=2, d=64, stored=40, max_len=128) if smoke else SHAPE
     fmt = CacheFormat(2, 32, 32 if smoke else 128, True)
-    torch.manual_seed(0)
-    c = allocate_cache(sh["batch"], sh["hkv"], sh["max_len"], sh["d"], fmt, torch.bfloat16, device)
-    c.key_codes.random_(0, 256)
-    c.value_codes.random_(0, 256)
-    c.key_mn.normal_(0, 0.05)
-    c.key_scale.uniform_(0.005, 0.03)
-    c.value_mn.normal_(-0.5, 0.1)
-    c.value_scale.uniform_(0.1, 0.4)
-    c.key_norms.uniform_(5, 30)
-    c.residual_keys.normal_()
-    c.residual_values.normal_()
-    c.lengths.fill_(sh["stored"])
+    c = random_cache(sh["batch"], sh["hkv"], sh["stored"] + 1, sh["d"], fmt, 0, device, max_len=sh["max_len"])
     q = torch.randn(sh["batch"], sh["hq"], 1, sh["d"], device=device, dtype=torch.bfloat16)
     k = torch.randn(sh["batch"], sh["hkv"], 1, sh["d"], device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)

@@ -42,3 +42,12 @@ def _fresh_dynamo_per_module():
     # Dynamo's recompile limit across modules: each test module starts from a clean Dynamo
     torch._dynamo.reset()
     yield
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean Dynamo before and after the test (for modules whose tests compile one shared forward many times:
+    ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -20,12 +20,8 @@ from pass_models import Decoder
 AUTO = OScaRConfig(residual_length=32)  # the default: rotate_keys="auto"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    # Decoder.forward's compiled entries count toward Dynamo's recompile limit in later test modules
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+# Decoder.forward's compiled entries count toward Dynamo's recompile limit in later test modules
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _prompt_qk(model, x):

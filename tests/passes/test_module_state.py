@@ -22,11 +22,7 @@ from pass_models import Decoder
 PROMPT, DECODE = 40, 3
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _run(model, steps):

@@ -24,12 +24,8 @@ def steps(seed=0):
     return out
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    # every pattern runs PatternModule.forward: its compiled entries would pile up to the recompile limit
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+# every pattern runs PatternModule.forward: its compiled entries would pile up to the recompile limit
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class PatternModule(torch.nn.Module):

@@ -31,11 +31,7 @@ from pass_models import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def run_eager_backend(make, steps, *, rewritten, skipped=0, reasons=()):
