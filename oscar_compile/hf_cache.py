@@ -894,6 +894,10 @@ class OScaRGenerate:
             return  # layers spread over devices allocate at their first step
         text = self.model.config.get_text_config(decoder=True)
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        # tensor parallelism (tp_plan): transformers' per-rank shape, so a rank allocates its own kv heads only
+        shape = getattr(self.model, "_get_static_cache_init_shape", lambda: None)() if getattr(self.model, "_tp_size", None) else None
+        if shape is not None:
+            heads = shape[0]
         cache.early_initialization(rows, heads, _head_dim(text), self.model.dtype, self.model.device)
 
     def release(self) -> None:
