@@ -2,6 +2,9 @@
 decode path, passkey retrieval, per-layer attention-output error; a Markdown table and a plot.
 
     python benchmarks/accuracy.py --model smollm2-135m --contexts 1024 4096 --passkey 2048 4096 7936
+    python benchmarks/accuracy.py --model smollm2-135m --text wiki --contexts 1024     # Wikipedia windows
+    python benchmarks/accuracy.py --model smollm2-135m --sliding 512 6 --contexts 2048 # Gemma-3-style layers
+    python benchmarks/accuracy.py --model smollm2-135m --layer-damage --windows 2      # budget predictor check
 
 Results go to ``--out`` (default ``results/``): one JSON per (model, context) and per passkey run, then
 ``accuracy.md`` and ``accuracy.png`` rebuilt from every JSON there (so runs can be split and resumed).
@@ -19,8 +22,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from oscar_compile import assets
+from oscar_compile import OScaRConfig, assets
+from oscar_compile.bit_budget import layer_damage
 from oscar_compile.eval import (
+    KVMethod,
     attention_rel_errors,
     bits_per_element,
     continuation_nll,
@@ -36,6 +41,53 @@ CHUNK = 16
 
 def _corpus(name: str, cache):
     return assets.paul_graham_essays(cache) if name == "pg" else assets.wiki_articles(cache)
+
+
+def sliding_variant(model, window: int, period: int):
+    """The same weights as a Gemma-3-style model: every ``period``-th layer full attention, the others
+    sliding-window attention over ``window`` tokens (transformers' Qwen2 architecture, which takes
+    ``layer_types``; a Llama checkpoint maps onto it with zero q/k/v biases). No package ships a trained
+    sliding-window model small enough here, so this is what the sliding-window rows measure."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = model.config
+    n = c.num_hidden_layers
+    types = ["full_attention" if i % period == period - 1 else "sliding_attention" for i in range(n)]
+    cfg = Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=n, num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+        hidden_act=c.hidden_act, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=c.tie_word_embeddings, rope_parameters=dict(c.rope_parameters),
+        use_sliding_window=True, sliding_window=window, layer_types=types,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+    )  # fmt: skip
+    if model.model.layers[0].self_attn.q_proj.bias is not None:
+        raise ValueError("sliding_variant maps a Llama checkpoint (no q/k/v biases) onto Qwen2")
+    out = Qwen2ForCausalLM(cfg).to(model.dtype)
+    state = model.state_dict()
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for k in missing):
+        raise ValueError(f"sliding_variant: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for layer in out.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.bias.data.zero_()
+    out.config._attn_implementation = model.config._attn_implementation
+    return out.eval()
+
+
+def sliding_bytes(model, length: int, config: OScaRConfig) -> dict:
+    """Bytes the real OScaRCache holds for one sequence of ``length`` positions (bf16 model), with sliding
+    layers quantized (whole history) and kept in transformers' window-sized bf16 layer (the default)."""
+    from oscar_compile.hf_cache import OScaRCache, _head_dim
+
+    text = model.config
+    out = {}
+    for name, qs in (("quantized", True), ("kept", False)):
+        cache = OScaRCache(text, length, config, quantize_sliding=qs)
+        cache.early_initialization(1, text.num_key_value_heads, _head_dim(text), torch.bfloat16, "cpu")
+        rep = cache.memory_report()
+        out[name] = dict(oscar_bytes=rep["oscar_bytes"], static_cache_bytes=rep["static_cache_bytes"])
+    return out
 
 
 def _save_rows(path: Path, meta: dict, rows: list[dict]) -> None:
@@ -58,7 +110,10 @@ def run_perplexity(model, tok, model_name, context, args, methods, out: Path) ->
     cfg = model.config
     kv_heads = cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    path = out / f"ppl_{model_name}_C{context}.json"
+    path = out / f"ppl_{model_name}_C{context}{'' if args.text == 'pg' else '_' + args.text}.json"
+    from oscar_compile.eval.caches import make_cache
+
+    n_quant = {m.name: len(make_cache(m, cfg).quantized) for m in methods if m.kind == "oscar"}
     done = set()
     if args.resume and path.exists():
         done = {r["method"] for r in json.loads(path.read_text())["rows"]}
@@ -84,13 +139,57 @@ def run_perplexity(model, tok, model_name, context, args, methods, out: Path) ->
         err = (sum(torch.tensor(attention_rel_errors(r, b)) * r.nll.numel() for r, b in zip(res, ref))
                / len(windows)).tolist()
         ppl = math.exp(nll.sum().item() / (len(windows) * CONTINUATION))
-        row = dict(method=m.name, bits=bits_per_element(m, kv_heads, head_dim), ppl=ppl,
+        row = dict(method=m.name, bits=bits_per_element(m, kv_heads, head_dim, n_quant.get(m.name)), ppl=ppl,
                    delta_pct=100 * (ppl / base - 1), attn_err_mean=sum(err) / len(err), attn_err_max=max(err),
                    attn_err_per_layer=err, window_nll=nll.tolist(), seconds=secs)
+        if m.kind == "oscar" and m.config.is_budget:  # the allocation each window got (first batch's rows)
+            from oscar_compile.eval.caches import make_cache as _mk
+
+            row["layer_bits"] = [list(_mk(m, cfg, kv).layer_bits()) for kv in kvs]
         _save_rows(path, meta | {"methods_s": secs, "prefill_s": t_prefill if m.name == "bf16" else 0.0}, [row])
         report(out)
         print(f"  {m.name:>16}  ppl {ppl:8.3f}  {row['delta_pct']:+7.2f}%  attn err {row['attn_err_mean']:.4f}"
               f"  ({secs:.0f}s)", flush=True)
+
+
+def _spearman(a, b) -> float:
+    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
+    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def run_layer_damage(model, tok, model_name, context, args, out: Path) -> None:
+    """Measured per-layer damage (perplexity increase with only that layer at 2 bits, the default key rule)
+    against the budget's predictors computed from the same windows' prompts; Spearman rank correlations."""
+    from oscar_compile.kernels.key_transform import key_transform_errors
+
+    docs = _corpus(args.text, args.cache_dir)
+    windows = torch.stack(make_windows(tok, docs, context + CONTINUATION + 1, args.windows))
+    n_layers = model.config.num_hidden_layers
+    methods = [KVMethod("bf16", "bf16")] + [KVMethod(f"only-{i}", "oscar", OScaRConfig(), 2, only_layers=(i,))
+                                             for i in range(n_layers)]
+    t0 = time.perf_counter()
+    kv, _ = prefill(model, windows[:, :context])
+    cfg2 = OScaRConfig()
+    pred = {"abs_output": [], "rel_output": [], "key_logit": []}
+    for k, v, q in kv:
+        pred["abs_output"].append(sum(layer_damage(k[i:i + 1], v[i:i + 1], q[i:i + 1], cfg2) for i in range(len(k))))
+        pred["rel_output"].append(sum(layer_damage(k[i:i + 1], v[i:i + 1], q[i:i + 1], cfg2, relative=True)
+                                      for i in range(len(k))))
+        pred["key_logit"].append(sum(float(key_transform_errors(k[i:i + 1], 2, 32, q[i:i + 1]).min(0).values.sum())
+                                     for i in range(len(k))))
+    res = continuation_nll(model, windows, context, methods, CHUNK, kv)
+    tokens = len(windows) * CONTINUATION
+    base = res["bf16"].nll.sum().item()
+    measured = [100 * (math.exp((res[f"only-{i}"].nll.sum().item() - base) / tokens) - 1) for i in range(n_layers)]
+    corr = {name: _spearman(p, measured) for name, p in pred.items()}
+    data = dict(meta=dict(model=model_name, context=context, windows=len(windows), text=args.text,
+                          seconds=time.perf_counter() - t0), measured_pct=measured, predictors=pred, spearman=corr)
+    (out / f"damage_{model_name}_C{context}_{args.text}.json").write_text(json.dumps(data, indent=1))
+    print(f"layer damage {model_name} C={context} ({data['meta']['seconds']:.0f}s): spearman "
+          + ", ".join(f"{k} {v:+.3f}" for k, v in corr.items()), flush=True)
+    print("  measured %: " + " ".join(f"{x:.2f}" for x in measured), flush=True)
 
 
 def run_passkey(model, tok, model_name, context, args, methods, out: Path) -> None:
@@ -108,21 +207,27 @@ def run_passkey(model, tok, model_name, context, args, methods, out: Path) -> No
           + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in found.items()), flush=True)
 
 
+def _label(col) -> str:
+    model, context, text = col
+    return f"{model} C={context}" + ("" if text == "pg" else f" {text}")
+
+
 def report(out: Path) -> str:
     """Rebuild ``accuracy.md`` and ``accuracy.png`` from every JSON in ``out``; return the Markdown."""
     ppl = [json.loads(p.read_text()) for p in sorted(out.glob("ppl_*.json"))]
     pk = [json.loads(p.read_text()) for p in sorted(out.glob("passkey_*.json"))]
     if not ppl:
         return ""
-    cols = [(d["meta"]["model"], d["meta"]["context"]) for d in ppl]
+    cols = [(d["meta"]["model"], d["meta"]["context"], d["meta"].get("text", "pg")) for d in ppl]
     present = {r["method"] for d in ppl for r in d["rows"]}
     order = [m.name for m in standard_methods() if m.name in present]
     order += sorted(present - set(order))
-    by = {(d["meta"]["model"], d["meta"]["context"]): {r["method"]: r for r in d["rows"]} for d in ppl}
+    by = {(d["meta"]["model"], d["meta"]["context"], d["meta"].get("text", "pg")): {r["method"]: r for r in d["rows"]}
+          for d in ppl}
     bits = {r["method"]: r["bits"] for d in ppl for r in d["rows"]}
     lines = ["Continuation perplexity: increase over the bf16 cache (bf16 row: perplexity); "
              "attention-output relative error (mean over layers) in brackets.", "",
-             "| method | bits/elt | " + " | ".join(f"{m} C={c}" for m, c in cols) + " |",
+             "| method | bits/elt | " + " | ".join(_label(col) for col in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for name in order:
         cells = []
@@ -163,7 +268,7 @@ def report(out: Path) -> str:
         for j, col in enumerate(cols):
             rows = [r for name, r in by[col].items() if name != "bf16"]
             ax.scatter([r["bits"] for r in rows], [r["delta_pct"] for r in rows], marker=markers[j % len(markers)],
-                       label=f"{col[0]} C={col[1]}", alpha=0.8)
+                       label=_label(col), alpha=0.8)
             for r in rows:
                 if r["method"] in named:
                     ax.annotate(r["method"], (r["bits"], r["delta_pct"]), fontsize=6, alpha=0.8,
@@ -197,6 +302,10 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--resume", action="store_true", help="skip methods already in the results JSON")
+    p.add_argument("--sliding", type=int, nargs=2, metavar=("WINDOW", "PERIOD"), default=None,
+                   help="run the model as a Gemma-3-style sliding-window model (every PERIOD-th layer global)")
+    p.add_argument("--layer-damage", action="store_true",
+                   help="per-layer measured damage vs the bits-budget predictors (rank correlation)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
@@ -216,12 +325,24 @@ def main(argv=None):
         t = time.perf_counter()
         model, tok = assets.load_model(args.model, args.cache_dir)
         print(f"loaded {args.model} in {time.perf_counter() - t:.1f}s; {torch.get_num_threads()} threads", flush=True)
+        name = args.model
+        if args.sliding:
+            model = sliding_variant(model, *args.sliding)
+            name = f"{args.model}-sw{args.sliding[0]}x{args.sliding[1]}"
+            for c in args.contexts:
+                b = sliding_bytes(model, c + CONTINUATION + 1, OScaRConfig())
+                (args.out / f"bytes_{name}_C{c}.json").write_text(json.dumps(b, indent=1))
+                print(f"bytes at {c + CONTINUATION + 1} positions: {b}", flush=True)
+        if args.layer_damage:
+            for c in args.contexts:
+                run_layer_damage(model, tok, name, c, args, args.out)
+            return
         for c in args.contexts:
-            run_perplexity(model, tok, args.model, c, args, methods, args.out)
+            run_perplexity(model, tok, name, c, args, methods, args.out)
             report(args.out)
         pk_names = set(args.passkey_methods.split(","))
         for c in args.passkey:
-            run_passkey(model, tok, args.model, c, args, [m for m in methods if m.name in pk_names], args.out)
+            run_passkey(model, tok, name, c, args, [m for m in methods if m.name in pk_names], args.out)
             report(args.out)
     print(report(args.out))
 

@@ -19,7 +19,16 @@ class OScaRConfig:
     """How keys and values are quantized.
 
     Args:
-        bits: code width, 2 (default) or 4.
+        bits: code width of every layer, 2 (default) or 4; or a **bits budget** between them (``bits=2.5``,
+            any number in (2, 4)): the average code bits per element over the attention layers. A budget
+            gives 4 bits to the layers a data-free predictor ranks most damaged by 2 bits, computed from the
+            first step's (the prompt's) keys, values and queries (``oscar_compile.bit_budget``), and 2 bits
+            to the rest: ``floor(L * (bits - 2) / 2)`` layers of ``L`` get 4 bits, so the average never
+            exceeds the budget. Decided once per sequence, like the "auto" key flags.
+        layer_bits: the decided allocation, one code width (2 or 4) per attention layer the cache
+            quantizes, in layer order; None until decided. Set by ``bit_budget`` (or by hand with
+            :meth:`with_layer_bits`); its mean must not exceed ``bits``. Every backend reads a layer's
+            settings through :meth:`layer`.
         group_size: tokens per key group (per channel) and channels per value group (per token); a power
             of two >= 8 (the Triton kernels' limit, ``kernels.cache_layout.check_triton_format``). On CUDA the
             head dim must also be one the kernels support: checked when a cache is allocated.
@@ -38,12 +47,13 @@ class OScaRConfig:
     paper's OScaR (:meth:`paper`); all off is KIVI (:meth:`kivi`).
     """
 
-    bits: int = 2
+    bits: int | float = 2
     group_size: int = 32
     residual_length: int = 128
     rotate_keys: bool | str = AUTO
     rotate_values: bool = True
     token_scaling: bool | str = True
+    layer_bits: tuple[int, ...] | None = None
 
     def __post_init__(self):
         accepted = {
@@ -51,15 +61,23 @@ class OScaRConfig:
             "group_size": "a power of two >= 8, e.g. 32",
             "residual_length": "a positive multiple of group_size, e.g. 128",
         }
+        b = self.bits
+        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not 2 <= b <= 4:
+            raise ValueError(f"OScaRConfig.bits must be 2, 4 or a bits budget between them (e.g. 2.5), got {b!r}")
+        if float(b) in SUPPORTED_BITS:  # 2.0 / 4.0 / numpy ints: the uniform int the kernels take
+            object.__setattr__(self, "bits", int(b))
+        else:
+            object.__setattr__(self, "bits", float(b))
+        self._check_layer_bits()
         for name, what in accepted.items():  # ints only: 2.0 or True would reach the kernels as constexprs
+            if name == "bits":
+                continue
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"OScaRConfig.{name} must be an int ({what}), got {v!r} ({type(v).__name__})")
             object.__setattr__(self, name, int(v))  # numpy ints become Python ints (frozen dataclass)
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"OScaRConfig.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         # the Triton kernels' limit, checked here rather than at a cache's first step on the GPU
-        check_triton_format(CacheFormat(self.bits, self.group_size, self.residual_length), where="OScaRConfig.")
+        check_triton_format(CacheFormat(min(SUPPORTED_BITS), self.group_size, self.residual_length), where="OScaRConfig.")
         r = self.residual_length
         if r <= 0 or r % self.group_size:
             raise ValueError(
@@ -72,6 +90,62 @@ class OScaRConfig:
                 raise ValueError(f"OScaRConfig.{name} must be a bool or {AUTO!r}, got {v!r}")
         if not isinstance(self.rotate_values, bool):
             raise ValueError(f"OScaRConfig.rotate_values must be a bool, got {self.rotate_values!r}")
+
+    def _check_layer_bits(self) -> None:
+        lb = self.layer_bits
+        if lb is None:
+            return
+        if isinstance(lb, (str, bytes)) or not hasattr(lb, "__iter__"):
+            raise ValueError(f"OScaRConfig.layer_bits must be None or a sequence of 2s and 4s, got {lb!r}")
+        lb = tuple(lb)
+        if not lb or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or int(x) not in SUPPORTED_BITS
+                         for x in lb):
+            raise ValueError(f"OScaRConfig.layer_bits must be a non-empty sequence of {SUPPORTED_BITS}, got {lb!r}")
+        lb = tuple(int(x) for x in lb)
+        if not self.is_budget and set(lb) != {self.bits}:
+            raise ValueError(f"OScaRConfig.layer_bits {lb} disagrees with bits={self.bits}; pass a budget (e.g. bits=2.5)")
+        if sum(lb) > self.bits * len(lb) + 1e-9:
+            raise ValueError(f"OScaRConfig.layer_bits averages {sum(lb) / len(lb):.4g} bits, over the budget bits={self.bits}")
+        object.__setattr__(self, "layer_bits", lb)
+
+    @property
+    def is_budget(self) -> bool:
+        """True when ``bits`` is a budget between 2 and 4 (per-layer 2/4-bit allocation), not one code width."""
+        return self.bits not in SUPPORTED_BITS
+
+    @property
+    def needs_allocation(self) -> bool:
+        """A budget whose per-layer allocation is not decided yet (``layer_bits`` None)."""
+        return self.is_budget and self.layer_bits is None
+
+    def with_layer_bits(self, layer_bits) -> "OScaRConfig":
+        """This budget with its per-layer allocation decided (checked against the budget)."""
+        return replace(self, layer_bits=tuple(layer_bits))
+
+    def layer(self, index: int) -> "OScaRConfig":
+        """The uniform config of the ``index``-th quantized layer (its own ``bits``, 2 or 4).
+
+        A uniform config returns itself; a budget needs its allocation (``layer_bits``) first: the caches
+        decide it at the first step (``oscar_compile.bit_budget``)."""
+        if not self.is_budget:
+            return self
+        if self.layer_bits is None:
+            raise ValueError(
+                f"OScaRConfig(bits={self.bits}) is a bits budget whose per-layer allocation is not decided yet: "
+                "it is decided from the first step's prompt (oscar_compile.bit_budget.plan_layer_bits / "
+                "allocate_layer_bits), or pass layer_bits=(...)"
+            )
+        if not 0 <= index < len(self.layer_bits):
+            raise ValueError(f"layer {index} has no entry in OScaRConfig.layer_bits (length {len(self.layer_bits)})")
+        return replace(self, bits=self.layer_bits[index], layer_bits=None)
+
+    @property
+    def mean_code_bits(self) -> float:
+        """Average code bits per element: ``bits`` for a uniform config, the allocation's mean for a decided
+        budget, the budget itself before the allocation is decided."""
+        if self.layer_bits is not None:
+            return sum(self.layer_bits) / len(self.layer_bits)
+        return float(self.bits)
 
     @property
     def adaptive_keys(self) -> bool:
@@ -101,7 +175,11 @@ class OScaRConfig:
 
     @property
     def cache_format(self) -> CacheFormat:
-        """The kernels' :class:`~oscar_compile.kernels.CacheFormat` of this config (the one conversion)."""
+        """The kernels' :class:`~oscar_compile.kernels.CacheFormat` of this config (the one conversion); a
+        budget has one per layer: ``config.layer(i).cache_format``."""
+        if self.is_budget:
+            raise ValueError(f"OScaRConfig(bits={self.bits}) is a bits budget: each layer has its own format, "
+                             "config.layer(i).cache_format")
         return CacheFormat(self.bits, self.group_size, self.residual_length, self.rotate_values)
 
     def capacity(self, length: int) -> int:

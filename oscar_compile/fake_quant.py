@@ -72,6 +72,8 @@ def resolve_key_flags(keys: torch.Tensor, config: OScaRConfig, queries: torch.Te
     """
     if not config.adaptive_keys:
         return config.rotate_keys, config.token_scaling
+    if config.is_budget:
+        raise ValueError("resolve_key_flags: pass the layer's own config (config.layer(i)), not a bits budget")
     return choose_key_flags(
         keys, config.bits, config.group_size, queries=queries, rotate=config.rotate_keys, scale=config.token_scaling
     )
@@ -83,6 +85,7 @@ def fake_quantize(
     config: OScaRConfig | None = None,
     queries: torch.Tensor | None = None,
     prompt_length: int | None = None,
+    layer: int | None = None,
 ):
     """Return ``(keys_hat, values_hat)``: what attention reads from an OScaR cache holding these tokens.
 
@@ -102,12 +105,21 @@ def fake_quantize(
     joint decision for all its sequences). None: the quantized blocks decide, as above. An int >= 1, at most
     T when the history quantizes a block (a shorter history ignores it).
 
+    layer: which quantized layer these tokens belong to, for a bits budget (``OScaRConfig(bits=2.5,
+    layer_bits=...)``): that layer's code width is used (``config.layer(layer)``). A budget needs it (and a
+    decided allocation: ``oscar_compile.bit_budget``); a uniform config ignores it.
+
     Raises ValueError when the cache could not store the quantized prefix (``kernels.cache_layout.
     check_storable``, the check the cache's reference path makes): non-finite tokens, or tokens whose group
     parameters fall beyond the fp16 range (after rotation and norm division). TypeError/ValueError for
     arguments of the wrong type or shape, naming the argument.
     """
     config = OScaRConfig() if config is None else config
+    if isinstance(config, OScaRConfig) and config.is_budget:
+        if layer is None:
+            raise ValueError(f"fake_quantize: OScaRConfig(bits={config.bits}) is a bits budget: pass layer=i (the "
+                             "layer these keys/values belong to) and a decided allocation (layer_bits)")
+        config = config.layer(layer)
     _check(keys, values, config, queries, prompt_length)
     t = keys.shape[2]
     n_quant = (t // config.residual_length) * config.residual_length

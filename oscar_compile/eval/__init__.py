@@ -20,7 +20,11 @@ __all__ = [
     "perplexity",
     "prefill",
     "standard_methods",
+    "BUDGETS",
 ]
+
+
+BUDGETS = (2.25, 2.5, 3.0)  # the bits-budget rows (OScaRConfig(bits=b), adaptive keys)
 
 
 def _oscar(name: str, bits: int = 2, rk=False, rv=False, ts=False, sink: int = 0) -> KVMethod:
@@ -46,6 +50,8 @@ def standard_methods() -> list[KVMethod]:
         _oscar("KIVI-4", bits=4),
         _oscar("OScaR-paper-4", bits=4, rk=True, rv=True, ts=True),
         _oscar("auto-4", bits=4, rk=AUTO, rv=True, ts=True),
+        *(KVMethod(f"budget-{b:g}", "oscar", OScaRConfig(bits=b), 2) for b in BUDGETS),
+        KVMethod("auto-2-keepSW", "oscar", OScaRConfig(), 2, quantize_sliding=False),
         KVMethod("quanto-2", "quanto", nbits=2),
         KVMethod("quanto-4", "quanto", nbits=4),
     ]

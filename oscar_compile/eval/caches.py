@@ -39,6 +39,8 @@ class KVMethod:
     nbits: int = 16
     sink_tokens: int = 0  # leading tokens kept at full precision (data-free "attention sink" idea)
     use_queries: bool = True  # "auto" decisions see the prompt's queries (False: keys-only proxy)
+    quantize_sliding: bool = True  # False: sliding-window layers stored as the bf16 baseline (transformers' layer)
+    only_layers: tuple | None = None  # quantize only these decoder layers, the others bf16 (per-layer damage)
 
 
 def fake_keys(k: torch.Tensor, bits: int, group_size: int, rotated: torch.Tensor, scaled: torch.Tensor):
@@ -88,6 +90,7 @@ class FakeQuantLayer(DynamicLayer):
         self.length = self.n_quant = 0
         self.hist_k = self.hist_v = self.view_k = self.view_v = None
         self.key_rotated = self.key_scaled = None
+        self.seq_bits = None  # a bits budget: this layer's code width per sequence (decided by the cache)
         self._pending = None
         self.prompt_queries = None  # [B, Hq, Nq, D]: the prompt's last queries, for the "auto" decision
 
@@ -109,18 +112,20 @@ class FakeQuantLayer(DynamicLayer):
     def _quantize_blocks(self, start: int, stop: int) -> None:
         # Each sequence of the batch decides its own key flags (as it would running alone with batch 1),
         # so batching windows does not change any method's numbers.
-        cfg, s = self.method.config, self.method.sink_tokens
+        s = self.method.sink_tokens
         k, v = self.hist_k[:, :, start:stop], self.hist_v[:, :, start:stop]
         b, h = k.shape[:2]
+        cfgs = [self.method.config.replace(bits=self.seq_bits[i], layer_bits=None) if self.seq_bits is not None
+                else self.method.config for i in range(b)]
         if self.key_rotated is None:
             q = self.prompt_queries
-            flags = [resolve_key_flags(k[i:i + 1], cfg, None if q is None else q[i:i + 1]) for i in range(b)]
+            flags = [resolve_key_flags(k[i:i + 1], cfgs[i], None if q is None else q[i:i + 1]) for i in range(b)]
             as_t = lambda f: f if isinstance(f, torch.Tensor) else torch.full((h,), f, dtype=torch.bool)  # noqa: E731
             self.key_rotated = torch.stack([as_t(r) for r, _ in flags]).to(k.device)  # [B, Hkv]
             self.key_scaled = torch.stack([as_t(c) for _, c in flags]).to(k.device)
-        k_hat = torch.cat([fake_keys(k[i:i + 1], cfg.bits, cfg.group_size, self.key_rotated[i], self.key_scaled[i])
-                           for i in range(b)])
-        v_hat = fake_values(v, cfg.bits, cfg.group_size, cfg.rotate_values)
+        k_hat = torch.cat([fake_keys(k[i:i + 1], c.bits, c.group_size, self.key_rotated[i], self.key_scaled[i])
+                           for i, c in enumerate(cfgs)])
+        v_hat = torch.cat([fake_values(v[i:i + 1], c.bits, c.group_size, c.rotate_values) for i, c in enumerate(cfgs)])
         if start < s:  # keep the first `sink_tokens` tokens at full precision
             k_hat[:, :, : s - start] = k[:, :, : s - start]
             v_hat[:, :, : s - start] = v[:, :, : s - start]
@@ -169,11 +174,43 @@ class FakeQuantLayer(DynamicLayer):
 
 
 class FakeQuantCache(Cache):
-    """A ``Cache`` of :class:`FakeQuantLayer` (one per decoder layer) for ``method``."""
+    """A ``Cache`` of :class:`FakeQuantLayer` (one per decoder layer) for ``method``.
 
-    def __init__(self, method: KVMethod, num_layers: int, store_dtype: torch.dtype | None = torch.bfloat16):
-        super().__init__(layers=[FakeQuantLayer(method, store_dtype) for _ in range(num_layers)])
+    ``quantized``: the decoder layers the method quantizes (the others hold the bf16 baseline: sliding
+    layers with ``quantize_sliding=False``, layers outside ``only_layers``). A bits budget is decided per
+    sequence once every layer holds the prefill (:meth:`decide_budget`), as the cache decides at its first step.
+    """
+
+    def __init__(self, method: KVMethod, num_layers: int, store_dtype: torch.dtype | None = torch.bfloat16,
+                 quantized=None):
+        self.quantized = list(range(num_layers)) if quantized is None else list(quantized)
+        bf16 = KVMethod("bf16", "bf16")
+        super().__init__(layers=[FakeQuantLayer(method if i in self.quantized else bf16, store_dtype)
+                                 for i in range(num_layers)])
         self.method = method
+
+    def decide_budget(self) -> None:
+        """Each sequence's per-layer code widths for a bits budget, from the seeded prompt (``bit_budget``)."""
+        from ..bit_budget import budget_from_prompt
+
+        cfg = self.method.config
+        if cfg is None or not cfg.is_budget or self.method.kind != "oscar":
+            return
+        layers = [self.layers[i] for i in self.quantized]
+        b = layers[0].hist_k.shape[0]
+        for seq in range(b):
+            kv = [(la.keys[seq:seq + 1], la.values[seq:seq + 1],
+                   None if la.prompt_queries is None else la.prompt_queries[seq:seq + 1]) for la in layers]
+            bits = budget_from_prompt(kv, cfg).layer_bits if cfg.layer_bits is None else cfg.layer_bits
+            for la, nb in zip(layers, bits):
+                la.seq_bits = (la.seq_bits or []) + [nb]
+
+    def layer_bits(self) -> list[tuple[int, ...]]:
+        """Per sequence, the code width of each quantized layer (a budget), after :meth:`decide_budget`."""
+        layers = [self.layers[i] for i in self.quantized]
+        if not layers or layers[0].seq_bits is None:
+            return []
+        return [tuple(la.seq_bits[s] for la in layers) for s in range(len(layers[0].seq_bits))]
 
     def key_flags(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer ``(key_rotated [B, Hkv], key_scaled [B, Hkv])`` (None before the first block is quantized)."""
@@ -197,15 +234,25 @@ def make_cache(method: KVMethod, model_config, prefill_kv=None, store_dtype=torc
         return cache
     if method.kind not in ("none", "bf16", "oscar"):
         raise ValueError(f"unknown method kind {method.kind!r} (method {method.name})")
-    cache = FakeQuantCache(method, n_layers, store_dtype)
+    text = model_config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None) or ["full_attention"] * n_layers
+    if getattr(text, "layer_types", None) is None and getattr(text, "sliding_window", None) is not None:
+        types = ["sliding_attention"] * n_layers  # Mistral-style: every layer slides
+    quantized = [i for i in range(n_layers)
+                 if (method.quantize_sliding or types[i] != "sliding_attention")
+                 and (method.only_layers is None or i in method.only_layers)]
+    cache = FakeQuantCache(method, n_layers, store_dtype, quantized)
     if prefill_kv is not None:
         for layer, (k, v, *q) in zip(cache.layers, prefill_kv):
             layer.seed(k, v, q[0] if q and method.use_queries else None)
+        cache.decide_budget()
     return cache
 
 
-def bits_per_element(method: KVMethod, num_kv_heads: int, head_dim: int) -> float:
-    """Stored bits per K/V element at long context (residual window amortized away)."""
+def bits_per_element(method: KVMethod, num_kv_heads: int, head_dim: int, num_layers: int | None = None) -> float:
+    """Stored bits per K/V element of the quantized layers at long context (residual window amortized away).
+
+    A bits budget: the exact mean of its allocation over ``num_layers`` quantized layers (needed then)."""
     if method.kind in ("none", "bf16"):
         return 16.0
     if method.kind == "quanto":
@@ -214,4 +261,14 @@ def bits_per_element(method: KVMethod, num_kv_heads: int, head_dim: int) -> floa
     cfg = method.config
     per_group = 2 * 16 / cfg.group_size  # fp16 mn + scale per group, keys and values alike
     norms = 32 / (2 * num_kv_heads * head_dim)  # one fp32 norm per token per layer, over K and V elements
-    return cfg.bits + per_group + norms
+    code = cfg.bits
+    if cfg.is_budget:
+        from ..bit_budget import num_four_bit
+
+        if cfg.layer_bits is not None:
+            code = cfg.mean_code_bits
+        elif num_layers is None:
+            raise ValueError(f"bits_per_element: the budget {cfg.bits} needs num_layers")
+        else:
+            code = 2 + 2 * num_four_bit(cfg.bits, num_layers) / num_layers
+    return code + per_group + norms

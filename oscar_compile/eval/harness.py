@@ -12,15 +12,14 @@ The prefill is identical for every method, so both run it once and seed every me
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..bit_budget import record_prompt
 from ..kernels.key_transform import NUM_QUERIES
 
 from .caches import KVMethod, make_cache
@@ -54,27 +53,7 @@ def make_windows(tokenizer, docs: list[str], length: int, n: int) -> list[torch.
     return out
 
 
-@contextlib.contextmanager
-def _record_queries(model, store: dict, last: int):
-    """Record each layer's last ``last`` queries (after RoPE) while the model runs its attention function."""
-    impl = model.config._attn_implementation
-    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
-    inner = mapping.get(impl)
-    if inner is None:  # eager attention is not in the mapping; record through the module's default
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as inner
-
-        impl = "sdpa"
-        model.config._attn_implementation = impl
-
-    def recording(module, query, *args, **kwargs):
-        store[module.layer_idx] = query[:, :, -last:].detach().clone()
-        return inner(module, query, *args, **kwargs)
-
-    mapping[impl] = recording
-    try:
-        yield
-    finally:
-        mapping[impl] = inner
+_record_queries = record_prompt  # one owner: the budget planner records the prompt's queries the same way
 
 
 @torch.no_grad()
