@@ -141,7 +141,7 @@ def budget_from_prompt(prompt_kv, config: OScaRConfig, layers=None) -> OScaRConf
 
 @torch.no_grad()
 def plan_layer_bits(model, input_ids: torch.Tensor, config: OScaRConfig, layers=None,
-                    max_tokens: int = MAX_TOKENS) -> OScaRConfig:
+                    max_tokens: int = MAX_TOKENS, attention_mask: torch.Tensor | None = None) -> OScaRConfig:
     """Decide a budget's allocation from a prompt: one full-precision pass (transformers' ``DynamicCache``)
     over ``input_ids[:, :max_tokens]`` ``[B, T]``, then :func:`budget_from_prompt`. The cost is a prefill of at
     most ``max_tokens`` tokens (benchmarks/README.md, "Bits budget"). Runs the model's eager forward (not a
@@ -151,13 +151,14 @@ def plan_layer_bits(model, input_ids: torch.Tensor, config: OScaRConfig, layers=
     from transformers import DynamicCache
 
     ids = input_ids[:, :max_tokens].to(model.device)
+    extra = {} if attention_mask is None else {"attention_mask": attention_mask[:, :max_tokens].to(model.device)}
     cache = DynamicCache(config=model.config)
     queries: dict[int, torch.Tensor] = {}
     forward = type(model).forward
     with record_prompt(model, queries):
         try:
-            forward(model, input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            forward(model, input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **extra)
         except TypeError:  # transformers 5.17 names the cache argument past_key_values
-            forward(model, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            forward(model, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
     kv = [(layer.keys, layer.values, queries.get(i)) for i, layer in enumerate(cache.layers)]
     return budget_from_prompt(kv, config, layers)

@@ -20,10 +20,19 @@ module for the write-then-attend mapping). ``update`` records the step's tokens 
 
 * **Left padding**: pads are read from the attention mask and never stored; each prompt in a batch keeps
   the quantization groups (and so the outputs) it has alone.
-* **Sliding-window layers** (Mistral, Gemma2 ``sliding_attention``) are quantized; the full history is kept
-  and ``window=`` is applied in attention (same rule as transformers' mask: key ``j`` visible from query
-  ``p`` iff ``p - window < j <= p``). Other layer types (chunked attention, linear attention, ...) keep
-  transformers' own static layer and are listed in :attr:`OScaRCache.kept_layers`.
+* **Sliding-window layers** (Mistral, Gemma2/3 ``sliding_attention``) stay, by default, in transformers' own
+  window-sized bf16 layer (``StaticSlidingWindowLayer``; listed in :attr:`OScaRCache.kept_layers`): measured
+  better on both counts than quantizing them (benchmarks/README.md, "Sliding-window layers": a window-sized
+  bf16 layer holds fewer bytes than a quantized whole history once the context passes ~5 windows, and the
+  quality is that of bf16). ``quantize_sliding=True`` quantizes them instead: the full history is kept and
+  ``window=`` is applied in attention (same rule as transformers' mask: key ``j`` visible from query ``p`` iff
+  ``p - window < j <= p``). Other layer types (chunked attention, linear attention, ...) keep transformers'
+  own static layer and are listed in :attr:`OScaRCache.kept_layers`.
+* **Bits budget** (``OScaRConfig(bits=2.5)``): each OScaR layer holds 2- or 4-bit codes
+  (``oscar_config.layer(i)``, its own ``CacheFormat``). The allocation (``layer_bits``) is decided from the
+  prompt before the cache is allocated: :class:`OScaRGenerate` (``use_oscar_cache`` / ``oscar.compile``) runs
+  ``bit_budget.plan_layer_bits`` on each call's prompt; an ``OScaRCache`` built by hand needs a decided config
+  (``plan_layer_bits(model, input_ids, config)`` or ``layer_bits=``).
 * **Overflow**: a host-side counter of positions raises ``ValueError`` before anything is written past
   ``max_cache_len`` (no device sync). Inside a compiled region the counter is not read (it would be a
   guard, i.e. a recompile per step); there the append op refuses to overflow (the CPU reference raises
@@ -155,6 +164,8 @@ class OScaRLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: [B, Hkv, T, D]
+        if self.config.needs_allocation:
+            self.config.layer(0)  # raises: the budget's per-layer allocation is decided before allocating
         if key_states.shape != value_states.shape:
             raise NotImplementedError(
                 f"OScaR cache needs keys and values of one head_dim, got {tuple(key_states.shape)} / {tuple(value_states.shape)}"
@@ -360,8 +371,9 @@ class OScaRCache(Cache):
         max_cache_len: positions per sequence (prompt, its left padding, and generated tokens); OScaR
             layers round it up to a multiple of ``oscar_config.residual_length``.
         oscar_config: quantization settings (default :class:`OScaRConfig`).
-        quantize_sliding: quantize sliding-window layers (True) or keep them in transformers'
-            bf16 ``StaticSlidingWindowLayer`` (False; reported in :attr:`kept_layers`).
+        quantize_sliding: keep sliding-window layers in transformers' window-sized
+            ``StaticSlidingWindowLayer`` (False, the default; reported in :attr:`kept_layers`) or quantize them
+            with their whole history (True).
         capacity: positions to allocate, at least ``max_cache_len`` (default: ``max_cache_len``); lets
             ``generate`` reuse one cache for calls of different lengths (:class:`OScaRGenerate`).
             Memory accounting still compares with a static cache of ``max_cache_len``.
@@ -373,7 +385,7 @@ class OScaRCache(Cache):
         max_cache_len: int,
         oscar_config: Optional[OScaRConfig] = None,
         *,
-        quantize_sliding: bool = True,
+        quantize_sliding: bool = False,
         capacity: Optional[int] = None,
     ):
         max_cache_len = _check_length("max_cache_len", max_cache_len, "OScaRCache")
@@ -396,14 +408,24 @@ class OScaRCache(Cache):
             head_dim, why_not = None, f"no single head_dim in the config ({type(e).__name__})"
         if head_dim is not None and head_dim % self.oscar_config.group_size:  # the layout needs whole channel groups
             why_not = f"head_dim {head_dim} not a multiple of group_size {self.oscar_config.group_size}"
+        quantized = [i for i, kind in enumerate(layer_types) if why_not is None and (
+            kind == "full_attention" or (kind == "sliding_attention" and quantize_sliding))]
+        budget = self.oscar_config
+        if budget.layer_bits is not None and len(budget.layer_bits) != len(quantized):
+            raise ValueError(
+                f"OScaRCache: oscar_config.layer_bits has {len(budget.layer_bits)} entries but the cache quantizes "
+                f"{len(quantized)} layers ({quantized})"
+            )
         for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
+            # a layer's own config (its bits under a budget); an undecided budget refuses to allocate
+            layer_config = budget if budget.needs_allocation or i not in quantized else budget.layer(quantized.index(i))
             if why_not is not None and kind in ("full_attention", "sliding_attention"):
                 layers.append(_static_layer_class(kind)(max_cache_len=capacity, **kw))
                 self.kept_layers[i] = f"{kind} ({why_not})"
             elif kind == "full_attention":
-                layers.append(OScaRLayer(max_cache_len, self.oscar_config, capacity=capacity))
+                layers.append(OScaRLayer(max_cache_len, layer_config, capacity=capacity))
             elif kind == "sliding_attention" and quantize_sliding:
-                layers.append(OScaRLayer(max_cache_len, self.oscar_config, window=kw["sliding_window"], capacity=capacity))
+                layers.append(OScaRLayer(max_cache_len, layer_config, window=kw["sliding_window"], capacity=capacity))
             else:
                 layers.append(_static_layer_class(kind)(max_cache_len=capacity, **kw))
                 self.kept_layers[i] = kind if kind == "sliding_attention" else (  # quantize_sliding=False
@@ -474,13 +496,26 @@ class OScaRCache(Cache):
         return total
 
     def memory_report(self) -> dict:
-        """``{"oscar_bytes", "static_cache_bytes", "ratio", "kept_layers"}`` (after the first forward)."""
+        """After the first forward (or ``early_initialization``)::
+
+            {"oscar_bytes", "static_cache_bytes", "ratio", "kept_layers", "layer_bits", "bits_per_element"}
+
+        ``oscar_bytes``: every byte the cache holds (OScaR layers and layers kept in transformers' form);
+        ``static_cache_bytes``: what transformers' ``StaticCache`` would hold for the same ``max_cache_len``
+        (window-sized sliding layers). ``layer_bits``: code width of each OScaR layer, by layer index.
+        ``bits_per_element``: exact bits the OScaR layers hold per key/value element slot they allocate
+        (codes, fp16 group parameters, key norms, the full-precision residual block, lengths, flags), so it
+        exceeds the long-context figure (``2 + 1 + norms`` at 2 bits) for short caches."""
         ours, theirs = self.nbytes(), self.bf16_nbytes()
+        layers = [la for la in self.oscar_layers if la.is_initialized]
+        slots = sum(2 * la.batch_size * la.num_heads * la.max_cache_len * la.head_dim for la in layers)
         return {
             "oscar_bytes": ours,
             "static_cache_bytes": theirs,
             "ratio": theirs / ours if ours else float("nan"),
             "kept_layers": dict(self.kept_layers),
+            "layer_bits": {la.index: la.config.bits for la in self.oscar_layers},
+            "bits_per_element": 8 * sum(la.nbytes() for la in layers) / slots if slots else float("nan"),
         }
 
 
@@ -723,6 +758,8 @@ def _run_probe(model, oscar_config: OScaRConfig) -> Optional[str]:
             except Exception:  # noqa: BLE001 - the plain model cannot run this probe: nothing to compare with
                 return None
             use_oscar_attention(model)
+            if oscar_config.is_budget:  # nothing is quantized in the probe: any code width will do
+                oscar_config = oscar_config.replace(bits=2, layer_bits=None)
             cache = OScaRCache(config, _PROBE_TOKENS, oscar_config)
             try:
                 ours = two_steps(cache)
@@ -812,6 +849,9 @@ class OScaRGenerate:
     def __call__(self, *args, **kwargs):
         depth = len(self._lent)
         out = None
+        # a bits budget is allocated from this call's prompt (bit_budget.plan_layer_bits, in _lend)
+        prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        self._prompt = (prompt, kwargs.get("attention_mask")) if isinstance(prompt, torch.Tensor) else None
         try:
             out = self.__wrapped__(*args, **kwargs)
             for cache in self._lent[depth:]:  # a compiled CUDA decode loop marks overflow, never raises in it
@@ -865,6 +905,9 @@ class OScaRGenerate:
                 f"given max_cache_len={self.max_cache_len}; pass a larger max_cache_len or None (sized per call)"
             )
         cache, self.cache = self.cache, None
+        config = self._layer_config(cache)
+        if cache is not None and cache.oscar_config != config:  # another allocation: other formats
+            cache = None
         if cache is not None and cache.capacity >= need:
             cache.reset()
             cache._reserve(need)
@@ -877,7 +920,7 @@ class OScaRGenerate:
                 limit = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
                 grown = 2 * cache.capacity if limit is None else min(2 * cache.capacity, limit)
                 capacity = max(need, grown)
-            cache = OScaRCache(self.model.config, need, self.oscar_config, capacity=capacity, **self.cache_kwargs)
+            cache = OScaRCache(self.model.config, need, config, capacity=capacity, **self.cache_kwargs)
         self._lent.append(cache)
         self._allocate(cache, rows)
         report = getattr(self.model, "oscar_report", None)  # oscar.compile's report lists kept layers one by one
@@ -885,6 +928,23 @@ class OScaRGenerate:
             for i, why in cache.kept_layers.items():
                 report.add_skipped(f"OScaRCache.layers[{i}]", f"kept in transformers' form: {why}")
         return cache
+
+    def _layer_config(self, kept: Optional[OScaRCache]) -> OScaRConfig:
+        """The config of this call's cache: a bits budget gets its allocation from the call's prompt."""
+        if not self.oscar_config.needs_allocation:
+            return self.oscar_config
+        from .bit_budget import plan_layer_bits
+
+        prompt = getattr(self, "_prompt", None)
+        if prompt is None:
+            raise ValueError(
+                f"generate with OScaRConfig(bits={self.oscar_config.bits}) (a bits budget) needs the prompt as "
+                "input_ids (its allocation is decided from it)"
+            )
+        probe = kept if kept is not None else OScaRCache(self.model.config, 1, self.oscar_config, **self.cache_kwargs)
+        quantized = [la.index for la in probe.oscar_layers]
+        ids, mask = prompt
+        return plan_layer_bits(self.model, ids, self.oscar_config.replace(layer_bits=None), quantized, attention_mask=mask)
 
     def _allocate(self, cache: OScaRCache, rows: int) -> None:
         """Allocate ``cache`` before the first forward, so under torch.compile its state is a graph input marked
@@ -930,7 +990,7 @@ def use_oscar_cache(model, oscar_config: Optional[OScaRConfig] = None, max_cache
     unknown = set(cache_kwargs) - {"quantize_sliding"}
     if unknown:
         raise TypeError(f"use_oscar_cache: unknown OScaRCache options {sorted(unknown)}; accepted: ['quantize_sliding']")
-    if not isinstance(cache_kwargs.get("quantize_sliding", True), bool):
+    if not isinstance(cache_kwargs.get("quantize_sliding", False), bool):
         raise TypeError(f"use_oscar_cache: quantize_sliding must be a bool, got {cache_kwargs['quantize_sliding']!r}")
     reason = hf_unsupported_reason(model, config)
     if reason is not None:

@@ -217,7 +217,10 @@ class CacheRegistry:
         else:
             b, hkv, length, d = key.shape
         extra = {"transposed": True} if layout == "bshd" else {}
-        halves = new_kv_cache(b, hkv, length, d, self.config, key.dtype, key.device, exact_len=True, **extra)
+        # a bits budget: the n-th cache this pass replaces is quantized layer n (``OScaRConfig.layer``: its own
+        # bits, so its own CacheFormat and Triton specialisation); an undecided budget raises here, naming the fix
+        layer_config = self.config.layer(self.count)
+        halves = new_kv_cache(b, hkv, length, d, layer_config, key.dtype, key.device, exact_len=True, **extra)
         mark_static_state(*halves)
         bf16 = key.numel() * key.element_size() + value.numel() * value.element_size()
         state = ReplacedCache(name, *halves, bf16)

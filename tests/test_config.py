@@ -25,7 +25,8 @@ def test_frozen():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"bits": 3}, "bits"),
+        ({"bits": 1}, "bits"),
+        ({"bits": 4.5}, "bits"),
         ({"bits": 8}, "bits"),
         ({"group_size": 0}, "group_size"),
         ({"group_size": 12}, "group_size"),

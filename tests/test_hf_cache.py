@@ -13,9 +13,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import Cache, DynamicLayer
 
 from oscar_compile import OScaRConfig, fake_quantize
-from oscar_compile.hf_cache import OScaRCache, OScaRLayer, cache_kwarg_name, use_oscar_attention, use_oscar_cache
+from oscar_compile.hf_cache import OScaRCache as _OScaRCache
+from oscar_compile.hf_cache import OScaRLayer, cache_kwarg_name, use_oscar_attention, use_oscar_cache
 from testing_utils import cache_arg
 from oscar_compile.kv_tensor import cache_tensors, is_oscar_cache
+
+def OScaRCache(*args, quantize_sliding=True, **kwargs):  # noqa: N802
+    """These tests check the quantized path on every layer type, sliding-window layers included (the default
+    keeps those in transformers' bf16 layer: tests/test_sliding_window.py)."""
+    return _OScaRCache(*args, quantize_sliding=quantize_sliding, **kwargs)
+
 
 # fixed key flags (the paper's): batch items stay independent; small blocks: a 70-token prompt quantizes two
 CFG = OScaRConfig.paper(residual_length=32)

@@ -90,6 +90,7 @@ class FakeQuantLayer(DynamicLayer):
         self.length = self.n_quant = 0
         self.hist_k = self.hist_v = self.view_k = self.view_v = None
         self.key_rotated = self.key_scaled = None
+        self.config = method.config  # a budget's decided allocation: this layer's own (FakeQuantCache sets it)
         self.seq_bits = None  # a bits budget: this layer's code width per sequence (decided by the cache)
         self._pending = None
         self.prompt_queries = None  # [B, Hq, Nq, D]: the prompt's last queries, for the "auto" decision
@@ -115,8 +116,10 @@ class FakeQuantLayer(DynamicLayer):
         s = self.method.sink_tokens
         k, v = self.hist_k[:, :, start:stop], self.hist_v[:, :, start:stop]
         b, h = k.shape[:2]
-        cfgs = [self.method.config.replace(bits=self.seq_bits[i], layer_bits=None) if self.seq_bits is not None
-                else self.method.config for i in range(b)]
+        if self.seq_bits is None and self.config.is_budget:
+            raise ValueError(f"{self.method.name}: a bits budget's allocation is not decided (make_cache with the prefill)")
+        cfgs = [self.config.replace(bits=self.seq_bits[i], layer_bits=None) if self.seq_bits is not None
+                else self.config for i in range(b)]
         if self.key_rotated is None:
             q = self.prompt_queries
             flags = [resolve_key_flags(k[i:i + 1], cfgs[i], None if q is None else q[i:i + 1]) for i in range(b)]
@@ -188,6 +191,10 @@ class FakeQuantCache(Cache):
         super().__init__(layers=[FakeQuantLayer(method if i in self.quantized else bf16, store_dtype)
                                  for i in range(num_layers)])
         self.method = method
+        cfg = method.config
+        if cfg is not None and cfg.is_budget and cfg.layer_bits is not None:  # decided: each layer its own
+            for j, i in enumerate(self.quantized):
+                self.layers[i].config = cfg.layer(j)
 
     def decide_budget(self) -> None:
         """Each sequence's per-layer code widths for a bits budget, from the seeded prompt (``bit_budget``)."""
