@@ -281,9 +281,43 @@ def report(out: Path) -> str:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=120)
+        plt.close(fig)
+        pareto(by, cols, out / "pareto.png", plt)
     except ImportError as e:  # matplotlib is in the `eval` extra
         print(f"no plot: {e}")
     return md
+
+
+PARETO = {  # family -> rows, in bits order
+    "KIVI": ["KIVI-2", "KIVI-4"],
+    "paper OScaR": ["OScaR-paper-2", "OScaR-paper-4"],
+    "default (auto) + budgets": ["auto-2", "budget-2.25", "budget-2.5", "budget-3", "auto-4"],
+}
+
+
+def pareto(by, cols, path: Path, plt) -> None:
+    """Perplexity increase vs stored bits per element, one panel per column, one line per family."""
+    cols = [c for c in cols if any(n in by[c] for rows in PARETO.values() for n in rows)]
+    if not cols:
+        return
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 4), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        for (family, names), marker in zip(PARETO.items(), "sDo"):
+            rows = [by[col][n] for n in names if n in by[col]]
+            if not rows:
+                continue
+            ax.plot([r["bits"] for r in rows], [r["delta_pct"] for r in rows], marker=marker, label=family)
+            for r in rows:
+                ax.annotate(r["method"], (r["bits"], r["delta_pct"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(_label(col), fontsize=9)
+        ax.set_xlabel("stored bits per K/V element")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("perplexity increase over bf16 cache (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):

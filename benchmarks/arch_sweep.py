@@ -202,7 +202,8 @@ def worker(model_type: str, compile_path: bool) -> dict:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                use_oscar_cache(m, cfg)
+                # every layer type through OScaR: the default keeps a hybrid's window layers in transformers' layer
+                use_oscar_cache(m, cfg, quantize_sliding=True)
             out = _generate(m, ids)
         except Exception as e:  # noqa: BLE001
             res.update(cls="crash", error=f"{name}: {_err(e)}")

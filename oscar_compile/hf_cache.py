@@ -20,11 +20,12 @@ module for the write-then-attend mapping). ``update`` records the step's tokens 
 
 * **Left padding**: pads are read from the attention mask and never stored; each prompt in a batch keeps
   the quantization groups (and so the outputs) it has alone.
-* **Sliding-window layers** (Mistral, Gemma2/3 ``sliding_attention``) stay, by default, in transformers' own
-  window-sized bf16 layer (``StaticSlidingWindowLayer``; listed in :attr:`OScaRCache.kept_layers`): measured
-  better on both counts than quantizing them (benchmarks/README.md, "Sliding-window layers": a window-sized
-  bf16 layer holds fewer bytes than a quantized whole history once the context passes ~5 windows, and the
-  quality is that of bf16). ``quantize_sliding=True`` quantizes them instead: the full history is kept and
+* **Sliding-window layers** (Gemma2/3, Qwen2 ``sliding_attention``) of a model that also has global layers
+  stay, by default, in transformers' own window-sized bf16 layer (``StaticSlidingWindowLayer``; listed in
+  :attr:`OScaRCache.kept_layers`): measured better than quantizing them (benchmarks/README.md, "Sliding-window
+  layers": bf16 quality, and a window-sized bf16 layer holds fewer bytes than a quantized whole history once
+  the context passes ~5 windows). A model whose every layer slides (Mistral-style) has them quantized
+  (keeping them would compress nothing). ``quantize_sliding=True`` / ``False`` forces either: the full history is kept and
   ``window=`` is applied in attention (same rule as transformers' mask: key ``j`` visible from query ``p`` iff
   ``p - window < j <= p``). Other layer types (chunked attention, linear attention, ...) keep transformers'
   own static layer and are listed in :attr:`OScaRCache.kept_layers`.
@@ -372,8 +373,10 @@ class OScaRCache(Cache):
             layers round it up to a multiple of ``oscar_config.residual_length``.
         oscar_config: quantization settings (default :class:`OScaRConfig`).
         quantize_sliding: keep sliding-window layers in transformers' window-sized
-            ``StaticSlidingWindowLayer`` (False, the default; reported in :attr:`kept_layers`) or quantize them
-            with their whole history (True).
+            ``StaticSlidingWindowLayer`` (False; reported in :attr:`kept_layers`) or quantize them with their
+            whole history (True). None (default): kept when the model also has global (full-attention) layers
+            (Gemma2/3-style hybrids: better quality, and fewer bytes once the context passes ~5 windows),
+            quantized when every layer slides (Mistral-style: keeping them would compress nothing).
         capacity: positions to allocate, at least ``max_cache_len`` (default: ``max_cache_len``); lets
             ``generate`` reuse one cache for calls of different lengths (:class:`OScaRGenerate`).
             Memory accounting still compares with a static cache of ``max_cache_len``.
@@ -385,13 +388,13 @@ class OScaRCache(Cache):
         max_cache_len: int,
         oscar_config: Optional[OScaRConfig] = None,
         *,
-        quantize_sliding: bool = False,
+        quantize_sliding: Optional[bool] = None,
         capacity: Optional[int] = None,
     ):
         max_cache_len = _check_length("max_cache_len", max_cache_len, "OScaRCache")
         self.oscar_config = _check_oscar_config(oscar_config, "OScaRCache")
-        if not isinstance(quantize_sliding, bool):
-            raise TypeError(f"OScaRCache: quantize_sliding must be a bool, got {quantize_sliding!r}")
+        if quantize_sliding is not None and not isinstance(quantize_sliding, bool):
+            raise TypeError(f"OScaRCache: quantize_sliding must be a bool or None, got {quantize_sliding!r}")
         capacity = max_cache_len if capacity is None else _check_length("capacity", capacity, "OScaRCache")
         if capacity < max_cache_len:
             raise ValueError(f"OScaRCache: capacity {capacity} is smaller than max_cache_len {max_cache_len}")
@@ -408,6 +411,8 @@ class OScaRCache(Cache):
             head_dim, why_not = None, f"no single head_dim in the config ({type(e).__name__})"
         if head_dim is not None and head_dim % self.oscar_config.group_size:  # the layout needs whole channel groups
             why_not = f"head_dim {head_dim} not a multiple of group_size {self.oscar_config.group_size}"
+        if quantize_sliding is None:  # keep window layers beside global ones; a model of window layers only is quantized
+            quantize_sliding = "full_attention" not in layer_types
         quantized = [i for i, kind in enumerate(layer_types) if why_not is None and (
             kind == "full_attention" or (kind == "sliding_attention" and quantize_sliding))]
         budget = self.oscar_config
@@ -990,8 +995,8 @@ def use_oscar_cache(model, oscar_config: Optional[OScaRConfig] = None, max_cache
     unknown = set(cache_kwargs) - {"quantize_sliding"}
     if unknown:
         raise TypeError(f"use_oscar_cache: unknown OScaRCache options {sorted(unknown)}; accepted: ['quantize_sliding']")
-    if not isinstance(cache_kwargs.get("quantize_sliding", False), bool):
-        raise TypeError(f"use_oscar_cache: quantize_sliding must be a bool, got {cache_kwargs['quantize_sliding']!r}")
+    if not isinstance(cache_kwargs.get("quantize_sliding", False), (bool, type(None))):
+        raise TypeError(f"use_oscar_cache: quantize_sliding must be a bool or None, got {cache_kwargs['quantize_sliding']!r}")
     reason = hf_unsupported_reason(model, config)
     if reason is not None:
         warnings.warn(f"use_oscar_cache: model left untouched: {reason}", UserWarning, stacklevel=2)

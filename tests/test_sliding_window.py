@@ -41,22 +41,22 @@ def test_default_keeps_window_layers_and_matches_the_reference(arch):
     model, config = _tiny(arch)
     gen = torch.Generator().manual_seed(1)
     steps = [torch.randint(1, 256, (1, n), generator=gen) for n in (70, 1, 1, 20, 1)]  # past the 48-token window
-    method = KVMethod("keepSW", "oscar", CFG, 2, quantize_sliding=False)
     types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers  # Mistral
-    ref_cache = FakeQuantCache(method, len(types), None, [i for i, t in enumerate(types) if t == "full_attention"])
+    hybrid = "full_attention" in types  # window layers beside global ones are kept; a model of windows only quantized
+    quantized = [i for i, t in enumerate(types) if t == "full_attention" or not hybrid]
+    ref_cache = FakeQuantCache(KVMethod("default", "oscar", CFG, 2), len(types), None, quantized)
     ref = _run(model, ref_cache, steps)
     use_oscar_attention(model)
     cache = OScaRCache(config, 128, CFG)
     got = _run(model, cache, steps)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-4)
-    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
-    assert cache.kept_layers == {i: "sliding_attention" for i in sliding}
+    kept = [i for i in range(len(types)) if i not in quantized]
+    assert cache.kept_layers == {i: "sliding_attention" for i in kept}
     for i, layer in enumerate(cache.layers):
-        assert isinstance(layer, StaticSlidingWindowLayer if i in sliding else OScaRLayer)
-    if len(sliding) < len(types):  # the global layers really are quantized: full precision is farther off
-        plain = _run(model, OScaRCache(config, 128, CFG.replace(bits=4)), steps)
-        assert (plain[-1] - got[-1]).norm() > 0
+        assert isinstance(layer, StaticSlidingWindowLayer if i in kept else OScaRLayer)
+        assert not isinstance(layer, OScaRLayer) or layer.window == (None if types[i] == "full_attention" else 48)
+    assert (_run(model, OScaRCache(config, 128, CFG.replace(bits=4)), steps)[-1] - got[-1]).norm() > 0  # quantized
 
 
 @settings(max_examples=6, deadline=None)
