@@ -27,9 +27,11 @@ DESIGN §2.2 takes the omni-token key norm ``n_t`` over *all* kv heads of a laye
   latency-bound one on the critical path, and a norm input to the append kernel.
 
 Measured (``benchmarks/tp_accuracy.py``, README "Tensor parallelism"): the per-rank norm at its extreme
-(one kv head per rank, a per-head norm) against the all-reduced one, continuation perplexity on real models:
-within the run-to-run spread of the variants (SmolLM2-135M, essays: +3.04% vs +3.73% over bf16 for the
-default config, +3.71% vs +3.66% for the paper's), so the collective buys nothing measurable. "auto" key flags are per kv head, so each rank decides its own heads
+(one kv head per rank, a per-head norm) against the all-reduced one, continuation perplexity over bf16 on
+SmolLM2-135M: essays +3.04% vs +3.73% (default config), +3.71% vs +3.66% (paper's); wiki +1.76% vs +0.10%,
++1.80% vs +0.54%. Mixed, within ~1.7 points at the extreme (with several heads per rank the two norms are
+closer), so the per-rank norm is the default: the all-reduced one would need a norm input to the append
+kernel and a third latency-bound collective per layer in every decode step (its cost: ``benchmarks/tp.py``). "auto" key flags are per kv head, so each rank decides its own heads
 (from its own keys, queries and norms) and no decision needs agreeing; any *global* per-layer decision (the
 config, the layer types and windows, per-layer bits) must be the same everywhere: it is derived from the
 config on every rank, and :func:`check_consistent` verifies it (one collective, outside the decode loop).
