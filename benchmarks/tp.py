@@ -8,7 +8,7 @@ same models on one GPU, with no TP, for comparison:
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/tp.py --smoke  # CPU, gloo, tiny model
 
 Models: Llama-3.1-8B-shaped and Llama-3-70B-shaped (hidden size, heads, kv heads, MLP width, vocabulary of the
-real ones) with **random bf16 weights** and **the layer count reduced** (``--layers``, default 8 of 32 / 80:
+real ones) with **random bf16 weights** and **the layer count reduced** (``--layers`` 8 of 32, ``--layers-70b`` 4 of 80:
 device time and disk), built once and saved by rank 0, loaded by every rank with ``from_pretrained(...,
 tp_plan="auto")``. Both caches are filled synthetically to the context (bf16: random keys/values; OScaR:
 random keys/values through the real quantize-on-write op), then decode steps run through the compiled model
@@ -166,7 +166,7 @@ def allreduce_cost_us(model, batch: int, layers: int, device: str) -> dict:
 
 def run_model(name: str, args, device: str, config: OScaRConfig, workdir: Path) -> list[dict]:
     t0 = time.perf_counter()
-    model = build(name, args.layers, device, workdir)
+    model = build(name, args.layers_70b if name == "70b" else args.layers, device, workdir)
     log(f"{name}: built/loaded in {time.perf_counter() - t0:.0f}s, {model.config.num_hidden_layers} layers, "
         f"{tensor_parallel.tp_info(model).kv_heads} kv heads per rank")
     view = rank_view(model)
@@ -254,7 +254,8 @@ def main():
     global RANK, WORLD
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=["8b", "70b"], choices=sorted(SHAPES))
-    p.add_argument("--layers", type=int, default=8, help="decoder layers built (the shapes' full counts: 32 / 80)")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers built (8B-shaped: of 32)")
+    p.add_argument("--layers-70b", type=int, default=4, help="decoder layers built for the 70B shape (of 80)")
     p.add_argument("--contexts", type=int, nargs="*", default=[32768, 131072])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=20)
