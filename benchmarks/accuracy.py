@@ -183,13 +183,18 @@ def run_layer_damage(model, tok, model_name, context, args, out: Path) -> None:
     tokens = len(windows) * CONTINUATION
     base = res["bf16"].nll.sum().item()
     measured = [100 * (math.exp((res[f"only-{i}"].nll.sum().item() - base) / tokens) - 1) for i in range(n_layers)]
-    corr = {name: _spearman(p, measured) for name, p in pred.items()}
+    kl = [res[f"only-{i}"].kl.sum().item() / tokens for i in range(n_layers)]  # mean KL(bf16 || method) per token
+    corr = {name: _spearman(p, kl) for name, p in pred.items()}
+    corr_ppl = {name: _spearman(p, measured) for name, p in pred.items()}
     data = dict(meta=dict(model=model_name, context=context, windows=len(windows), text=args.text,
-                          seconds=time.perf_counter() - t0), measured_pct=measured, predictors=pred, spearman=corr)
+                          seconds=time.perf_counter() - t0), measured_pct=measured, measured_kl=kl, predictors=pred,
+                spearman_kl=corr, spearman_ppl=corr_ppl, spearman_ppl_vs_kl=_spearman(measured, kl))
     (out / f"damage_{model_name}_C{context}_{args.text}.json").write_text(json.dumps(data, indent=1))
-    print(f"layer damage {model_name} C={context} ({data['meta']['seconds']:.0f}s): spearman "
-          + ", ".join(f"{k} {v:+.3f}" for k, v in corr.items()), flush=True)
-    print("  measured %: " + " ".join(f"{x:.2f}" for x in measured), flush=True)
+    print(f"layer damage {model_name} C={context} ({data['meta']['seconds']:.0f}s): spearman vs KL "
+          + ", ".join(f"{k} {v:+.3f}" for k, v in corr.items()) + "; vs ppl "
+          + ", ".join(f"{k} {v:+.3f}" for k, v in corr_ppl.items()), flush=True)
+    print("  measured KL x1e3: " + " ".join(f"{1e3 * x:.2f}" for x in kl), flush=True)
+    print("  measured ppl %: " + " ".join(f"{x:.2f}" for x in measured), flush=True)
 
 
 def run_passkey(model, tok, model_name, context, args, methods, out: Path) -> None:

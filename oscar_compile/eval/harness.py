@@ -87,6 +87,7 @@ class WindowResult:
     nll: torch.Tensor  # [B] summed negative log-likelihood of each window's scored tokens (fp64)
     tokens: int  # scored tokens per window
     attn_outputs: list[torch.Tensor]  # per layer [B, M, hidden] attention-module outputs (fp32)
+    kl: torch.Tensor | None = None  # [B] summed KL(bf16 || method) of the next-token distributions (fp64)
 
 
 def _select_kv(prefill_kv, i: int):
@@ -104,6 +105,8 @@ def continuation_nll(
     prefilled once (full precision) and shared by all methods; then tokens ``context .. context + M - 1``
     are fed ``chunk`` at a time, each chunk attending to the method's view of the history plus itself, and
     predict the next token. quanto runs one window at a time (its quantization axes include the batch).
+    When a ``"bf16"`` method runs first, every later method also gets ``kl``: the summed KL divergence of its
+    next-token distributions from the bf16 cache's (a lower-variance damage measure than the NLL change).
     """
     if ids.dim() == 1:
         ids = ids[None]
@@ -117,32 +120,44 @@ def continuation_nll(
     hooks = [mod.register_forward_hook(lambda _m, _i, out, i=i: store[i].append(out[0].float()))
              for i, mod in enumerate(mods)]
 
-    def run(method, rows, kv):
+    ref_logp: list[torch.Tensor] = []  # the bf16 method's log-probabilities per chunk (when it runs first)
+
+    def run(method, rows, kv, record=False):
         cache = make_cache(method, model.config, kv)
         nll = torch.zeros(len(rows), dtype=torch.float64)
-        for start in range(context, context + m, chunk):
+        kl = torch.zeros(len(rows), dtype=torch.float64)
+        for j, start in enumerate(range(context, context + m, chunk)):
             x = ids[rows, start:start + chunk].to(model.device)
             logits = _forward(model, x, cache).logits
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             target = ids[rows, start + 1:start + chunk + 1].to(model.device)
             nll += torch.nn.functional.cross_entropy(
                 logits.transpose(1, 2), target, reduction="none").sum(1).double().cpu()
-        return nll
+            logp = torch.log_softmax(logits.float(), -1)
+            if record:
+                ref_logp.append(logp)
+            elif len(ref_logp) > j:
+                ref = ref_logp[j]
+                kl += (ref.exp() * (ref - logp)).sum((1, 2)).double().cpu()
+        return nll, kl
 
     results = {}
     try:
         for method in methods:
             for s in store:
                 s.clear()
+            kl = None
             if method.kind == "quanto":
-                nll = torch.cat([run(method, [i], _select_kv(prefill_kv, i)) for i in range(ids.shape[0])])
+                nll = torch.cat([run(method, [i], _select_kv(prefill_kv, i))[0] for i in range(ids.shape[0])])
                 n_chunks = m // chunk
                 outs = [torch.cat([torch.cat(s[i * n_chunks:(i + 1) * n_chunks], 1) for i in range(ids.shape[0])])
                         for s in store]
             else:
-                nll = run(method, list(range(ids.shape[0])), prefill_kv)
+                record = method.kind == "bf16" and not ref_logp
+                nll, kl = run(method, list(range(ids.shape[0])), prefill_kv, record)
+                kl = None if record or not ref_logp else kl
                 outs = [torch.cat(s, 1) for s in store]
-            results[method.name] = WindowResult(nll, m, outs)
+            results[method.name] = WindowResult(nll, m, outs, kl)
             if progress is not None:
                 progress.update(1)
     finally:
