@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["hadamard_scale", "levels_scale", "num_sms", "next_pow2"]
+__all__ = ["field_expansion", "hadamard_scale", "levels_scale", "num_sms", "next_pow2"]
 
 
 def _fix_interpreter_loop_bounds() -> None:
@@ -129,23 +129,45 @@ def _fwht_rows(x, M: tl.constexpr, D: tl.constexpr, LOG2_HB: tl.constexpr):
     return x
 
 
-def _code_asm(shift: int, mask: int) -> str:
-    # 4 packed bytes (one 32-bit register) -> their bit fields [shift, shift + bits) as 4 exact fp16
-    # (two f16x2 registers): byte-permute each field under 0x64 (fp16 1024 + c), then subtract 1024.
+def field_expansion(bits: int, field: int) -> tuple[int, int, int]:
+    """(mask, magic, offset) that turn bit field ``field`` of a byte into an exact fp16 number.
+
+    A 16-bit half holding a byte in its low 8 bits becomes ``(half & mask) | magic``: the field stays
+    where it sits (at bit ``p = bits * field``) and ``magic`` is the fp16 exponent of ``2**(10 - p)``,
+    so the field's lowest bit is worth 1 and the half reads as ``offset + code`` with
+    ``offset = 2**(10 - p)``; subtracting ``offset`` in fp16 is exact (tests/kernels/test_packing.py).
+    """
+    p = bits * field
+    return ((1 << bits) - 1) << p, (15 + 10 - p) << 10, 1024 >> p
+
+
+def _code_asm(bits: int, field: int) -> str:
+    # 4 packed bytes (one 32-bit register) -> bit field ``field`` of each as 4 exact fp16 (two f16x2
+    # registers) with :func:`field_expansion`: prmt spreads bytes (b0, b1) / (b2, b3) into the low bytes
+    # of the two halves of a register (the same two prmt for every field of a word, so ptxas computes
+    # them once per word), lop3 computes (x & mask) | magic, sub.f16x2 removes the offset.
+    mask, magic, offset = field_expansion(bits, field)
+    offset_bits = int(np.array(offset, dtype=np.float16).view(np.uint16))
+
+    def both(half):
+        return f"{(half << 16) | half:#010x}"
+
     return (
-        "{ .reg .b32 t, k; "
-        f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask:#010x}; mov.b32 k, 0x64006400; "
-        "prmt.b32 $0, t, 0x64646464, 0x4140; prmt.b32 $1, t, 0x64646464, 0x4342; "
+        "{ .reg .b32 lo, hi, k; "
+        "prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; "
+        f"mov.b32 k, {both(offset_bits)}; "
+        f"lop3.b32 $0, lo, {both(mask)}, {both(magic)}, 0xEA; "
+        f"lop3.b32 $1, hi, {both(mask)}, {both(magic)}, 0xEA; "
         "sub.rn.f16x2 $0, $0, k; sub.rn.f16x2 $1, $1, k; }"
     )
 
 
-_ASM_2_0 = tl.constexpr(_code_asm(0, 0x03030303))
-_ASM_2_2 = tl.constexpr(_code_asm(2, 0x03030303))
-_ASM_2_4 = tl.constexpr(_code_asm(4, 0x03030303))
-_ASM_2_6 = tl.constexpr(_code_asm(6, 0x03030303))
-_ASM_4_0 = tl.constexpr(_code_asm(0, 0x0F0F0F0F))
-_ASM_4_4 = tl.constexpr(_code_asm(4, 0x0F0F0F0F))
+_ASM_2_0 = tl.constexpr(_code_asm(2, 0))
+_ASM_2_2 = tl.constexpr(_code_asm(2, 1))
+_ASM_2_4 = tl.constexpr(_code_asm(2, 2))
+_ASM_2_6 = tl.constexpr(_code_asm(2, 3))
+_ASM_4_0 = tl.constexpr(_code_asm(4, 0))
+_ASM_4_4 = tl.constexpr(_code_asm(4, 1))
 
 
 @triton.jit

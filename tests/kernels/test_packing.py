@@ -1,4 +1,5 @@
 import itertools
+import os
 
 import pytest
 import torch
@@ -48,3 +49,41 @@ def test_bad_inputs_are_rejected():
         pack_codes(torch.zeros(6, dtype=torch.uint8), 2, 0)
     with pytest.raises(TypeError, match="uint8"):
         unpack_codes(torch.zeros(8, dtype=torch.float32), 2, 0)
+
+
+@pytest.mark.parametrize("b", [2, 4])
+def test_fp16_field_expansion_of_every_byte_is_exact(b):
+    # the constants behind the kernels' inline-PTX code expansion (kernels/triton_utils._code_asm):
+    # a half holding byte x reads, after (half & mask) | magic, as offset + (field of x), in fp16
+    from oscar_compile.kernels.triton_utils import field_expansion
+
+    byte = torch.arange(256, dtype=torch.int32)
+    fields = unpack_codes(byte.to(torch.uint8).view(256, 1), b, dim=1).int()  # [256, 8 // b]
+    for field in range(codes_per_byte(b)):
+        mask, magic, offset = field_expansion(b, field)
+        half = ((byte & mask) | magic).to(torch.int16).view(torch.float16)
+        assert torch.equal(half - torch.tensor(offset, dtype=torch.float16), fields[:, field].half())
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("OSCAR_TEST_CUDA") and torch.cuda.is_available()),
+    reason="inline PTX runs on the GPU only (OSCAR_TEST_CUDA=1); its constants are checked above on CPU",
+)
+@pytest.mark.parametrize("b", [2, 4])
+def test_inline_ptx_expansion_matches_unpack_codes(b):
+    import triton
+    import triton.language as tl
+
+    from oscar_compile.kernels.triton_utils import _codes_f16
+
+    @triton.jit
+    def expand(src, dst, BITS: tl.constexpr, FIELD: tl.constexpr):
+        offs = tl.arange(0, 256)
+        tl.store(dst + offs, _codes_f16(tl.load(src + offs), BITS, FIELD, True))
+
+    byte = torch.arange(256, dtype=torch.uint8, device="cuda")
+    fields = unpack_codes(byte.view(256, 1), b, dim=1)
+    for field in range(codes_per_byte(b)):
+        out = torch.empty(256, dtype=torch.float16, device="cuda")
+        expand[(1,)](byte, out, b, field)
+        assert torch.equal(out, fields[:, field].half())
