@@ -172,11 +172,14 @@ def run_layer_damage(model, tok, model_name, context, args, out: Path) -> None:
     t0 = time.perf_counter()
     kv, _ = prefill(model, windows[:, :context])
     cfg2 = OScaRConfig()
-    pred = {"abs_output": [], "rel_output": [], "key_logit": []}
+    pred = {"abs_output": [], "rel_output": [], "rel_x_value": [], "value_ms": [], "key_logit": []}
     for k, v, q in kv:
         pred["abs_output"].append(sum(layer_damage(k[i:i + 1], v[i:i + 1], q[i:i + 1], cfg2) for i in range(len(k))))
-        pred["rel_output"].append(sum(layer_damage(k[i:i + 1], v[i:i + 1], q[i:i + 1], cfg2, relative=True)
+        pred["rel_output"].append(sum(layer_damage(k[i:i + 1], v[i:i + 1], q[i:i + 1], cfg2, measure="relative")
                                       for i in range(len(k))))
+        pred["rel_x_value"].append(sum(layer_damage(k[i:i + 1], v[i:i + 1], q[i:i + 1], cfg2, measure="relative_value")
+                                       for i in range(len(k))))
+        pred["value_ms"].append(float(v.float().square().mean()))
         pred["key_logit"].append(sum(float(key_transform_errors(k[i:i + 1], 2, 32, q[i:i + 1]).min(0).values.sum())
                                      for i in range(len(k))))
     res = continuation_nll(model, windows, context, methods, CHUNK, kv)

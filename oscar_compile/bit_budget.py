@@ -66,13 +66,14 @@ def allocate_layer_bits(scores, budget: float) -> tuple[int, ...]:
 @torch.no_grad()
 def layer_damage(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None, config: OScaRConfig,
                  bits: int = LOW_BITS, max_tokens: int = MAX_TOKENS, num_queries: int = NUM_QUERIES,
-                 relative: bool = False) -> float:
+                 measure: str = "output") -> float:
     """Predicted damage of storing this layer at ``bits`` (module docstring), a float >= 0.
 
     keys, values: ``[B, Hkv, T, D]`` the prompt's (after RoPE); queries ``[B, Hq, Tq, D]`` its last queries
     (after RoPE), or None: then the keys' own rows stand in as queries (a weaker proxy). Fewer than one
-    group of tokens: 0.0 (nothing the cache would quantize). ``relative``: divided by the full-precision
-    output's squared norm (an alternative measured against the absolute error, benchmarks/README.md).
+    group of tokens: 0.0 (nothing the cache would quantize). ``measure``: ``"output"`` the absolute error
+    ``||ΔO||²``; ``"relative"`` divided by ``||O||²``; ``"relative_value"`` the relative error times the
+    values' mean square (how large what the layer writes is). Compared in benchmarks/README.md.
     """
     b, h, t, d = keys.shape
     g = config.group_size
@@ -97,7 +98,14 @@ def layer_damage(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor
 
     ref = attend(k, v)
     err = (attend(k_hat, v_hat) - ref).square().sum()
-    return float(err / ref.square().sum().clamp_min(1e-30)) if relative else float(err)
+    if measure == "output":
+        return float(err)
+    rel = err / ref.square().sum().clamp_min(1e-30)
+    if measure == "relative":
+        return float(rel)
+    if measure == "relative_value":
+        return float(rel * v.square().mean())
+    raise ValueError(f"measure must be 'output', 'relative' or 'relative_value', got {measure!r}")
 
 
 @contextlib.contextmanager

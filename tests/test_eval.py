@@ -148,3 +148,15 @@ def test_bits_per_element():
     kivi = KVMethod("k", "oscar", OScaRConfig.kivi())
     assert bits_per_element(kivi, 8, 128) == pytest.approx(2 + 1 + 32 / (2 * 8 * 128))
     assert bits_per_element(KVMethod("b", "bf16"), 8, 128) == 16
+
+
+def test_kl_from_the_bf16_cache(model, ids):
+    # KL(bf16 || method) of the next-token distributions: 0 for the bf16 method itself, > 0 once blocks are
+    # quantized, larger at 2 bits than at 4; a method that runs without bf16 first gets none
+    cfg = OScaRConfig.paper(**SMALL)
+    methods = [KVMethod("bf16", "bf16"), KVMethod("again", "bf16"), KVMethod("o2", "oscar", cfg, 2),
+               KVMethod("o4", "oscar", cfg.replace(bits=4), 4)]
+    res = continuation_nll(model, ids, CONTEXT, methods, CHUNK)
+    assert res["bf16"].kl is None and torch.equal(res["again"].kl, torch.zeros(2, dtype=torch.float64))
+    assert (res["o2"].kl > res["o4"].kl).all() and (res["o4"].kl > 0).all()
+    assert continuation_nll(model, ids, CONTEXT, methods[2:3], CHUNK)["o2"].kl is None
