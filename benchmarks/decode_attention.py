@@ -40,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from oscar_compile.kernels import CacheFormat, allocate_cache
 from oscar_compile.kernels.append_kv import append_kv
-from oscar_compile.kernels.cache_attention import cache_attention
+from oscar_compile.kernels.cache_attention import cache_attention, cache_attention_ref
 
 # the module (kernels/__init__ re-exports the function under the same name)
 cache_attention_module = sys.modules["oscar_compile.kernels.cache_attention"]
@@ -57,13 +57,15 @@ LAYERS = 32
 # stage-1 variants tried by --sweep (on top of the current kernels.cache_attention.TUNING; the H200
 # sweep of 2026-11-28 is in benchmarks/README.md)
 SWEEP = [
-    dict(num_stages=1),
-    dict(num_stages=2),
-    dict(maxnreg=96),
-    dict(maxnreg=168),
-    dict(residual_splits=1),
-    dict(min_tiles=4),
+    dict(long=None),  # the 4-warp settings everywhere
+    dict(long=None, num_warps=2, maxnreg=0, programs_per_sm=8),  # the "long" settings everywhere
+    dict(min_tiles=1),
+    dict(long_tiles=4),
+    dict(long={"num_warps": 2, "maxnreg": 0, "programs_per_sm": 6, "num_stages": 2}),
 ]
+# (batch, context) cases of the sweep; the best configuration is chosen by the last one
+SWEEP_CASES = [(1, 8192), (1, 32768), (8, 32768), (1, 131072)]
+CHECK = False  # --check: compare each OScaR case with cache_attention_ref once (after timing)
 COMPARE = None  # --compare MODULE: another cache_attention implementation timed as column "cmp"
 
 
@@ -172,6 +174,12 @@ def bench_case(name, batch, ctx, bits_list, copy_bw, sdpa=True):
             for q, c, nk in zip(qs, caches, nks)
         ]
         us = bench_graph(calls)
+        if CHECK:  # the timed kernel against the reference on this case's first copy (bf16 output; the
+            # kernel tests' bf16 tolerance, tests/kernels/test_cache_attention.py)
+            ref = cache_attention_ref(qs[0], caches[0], fmt, nks[0], nks[0]).float()
+            out = cache_attention(qs[0], caches[0], fmt, nks[0], nks[0]).float()
+            row[f"oscar{bits}_max_err"] = (out - ref).abs().max().item()
+            torch.testing.assert_close(out, ref, atol=1.6e-2, rtol=1.6e-2, msg=lambda m: f"INT{bits} B={batch} ctx={ctx}: {m}")
         if COMPARE is not None:
             cmp_calls = [
                 (lambda q=q, c=c, nk=nk: COMPARE.cache_attention(q, c, fmt, nk, nk))
@@ -214,22 +222,24 @@ def bench_append(batch, copy_bw, attn_us_by_ctx):
     return out
 
 
-def sweep(copy_bw, contexts=(8192, 131072)):
-    """Stage-1 launch parameters at batch 1, 32/8 heads, D=128, 2 bits; best by the longest context."""
+def sweep(copy_bw, cases=SWEEP_CASES):
+    """Stage-1 launch parameters, 32/8 heads, D=128, 2 bits, over ``cases`` (batch, context); prints the best by the
+    last case and restores the defaults (``kernels.cache_attention.TUNING``) for the tables."""
     results = []
     configs = [dict(cache_attention_module.TUNING)]  # the current defaults first
     configs += [dict(configs[0], **cfg) for cfg in SWEEP]
     for cfg in configs:
         cache_attention_module.TUNING.update(cfg)
         try:
-            times = [bench_case("llama8b", 1, ctx, [2], copy_bw, sdpa=False)["oscar2"] for ctx in contexts]
+            times = [bench_case("llama8b", b, ctx, [2], copy_bw, sdpa=False)["oscar2"] for b, ctx in cases]
             results.append((times, dict(cache_attention_module.TUNING)))
             print(f"  sweep {' / '.join(f'{t:7.1f}' for t in times)} us  {cfg}", flush=True)
         except Exception as exc:
             print("sweep config failed", cfg, type(exc).__name__, str(exc)[:200], flush=True)
     best = min(results, key=lambda x: x[0][-1])
-    cache_attention_module.TUNING.update(best[1])
-    print(f"sweep best (contexts {contexts}):", best, flush=True)
+    cache_attention_module.TUNING.clear()
+    cache_attention_module.TUNING.update(configs[0])  # the tables below run with the defaults
+    print(f"sweep best by the last case {cases[-1]}:", best, flush=True)
     return results
 
 
@@ -248,9 +258,12 @@ def main():
     ap.add_argument("--json", default=None, help="write all measurements here")
     ap.add_argument("--compare", default=None, help="module with another cache_attention, timed as 'cmp'")
     ap.add_argument("--no-append", action="store_true", help="skip the quantize-on-write measurements")
+    ap.add_argument("--check", action="store_true", help="check every timed OScaR case against the reference")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("decode_attention.py needs a CUDA GPU")
+    global CHECK
+    CHECK = args.check
     if args.quick:
         args.batches, args.contexts = [1], [8192, 131072]
     torch.backends.cuda.matmul.allow_tf32 = False

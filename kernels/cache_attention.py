@@ -23,7 +23,7 @@ from .quantization import QuantizedKeys, QuantizedValues
 from .new_token_attention import causal_attention, causal_attention_lse, merge_attention, uses_dense_new_tokens
 from .triton_utils import _codes_f16, _fwht_rows, _to_dtype, next_pow2, num_sms
 
-__all__ = ["cache_attention", "cache_attention_ref", "check_attention_inputs", "num_kv_splits"]
+__all__ = ["cache_attention", "cache_attention_ref", "check_attention_inputs", "num_kv_splits", "split_launch_config"]
 
 
 def check_attention_inputs(query, cache: CacheTensors, new_keys, new_values, skip) -> None:
@@ -615,12 +615,15 @@ def num_kv_splits(
 # program. Keep it below 64: at 64 rows Triton 3.6 lowers the dots to Hopper's wgmma, and those scores
 # came out wrong on the H200 (max error 0.22 against the reference for 5 query positions, any of asm /
 # stages / register cap; 16 rows correct in every case; benchmarks/README.md, 2026-11-29);
-# "maxnreg": register cap per thread, head_dim 128 only (occupancy: the loop is latency-bound, and 4 CTAs
-# per SM at 128 registers with a few spills beat 3 CTAs at 168 without, 152 vs 219 us at 128K; head_dim
-# 64 spills ~3x more under the same cap and was not measured, so other sizes run uncapped); "asm": inline-PTX
-# code expansion; "min_tiles": fewest tiles per split at a full cache; "residual_splits": programs
-# sharing the full-precision residual window. Defaults: the best of the H200 sweep of 2026-11-28
-# (batch 1, 32/8 heads, D=128, INT2, 8K and 128K; benchmarks/README.md).
+# "maxnreg": register cap per thread, head_dim 128 only (occupancy: 4 CTAs per SM at 128 registers with
+# a few spills beat 3 CTAs at 168 without; head_dim 64 spills ~3x more under the same cap and was not
+# measured, so other sizes run uncapped); "asm": inline-PTX code expansion; "min_tiles": fewest tiles
+# per split at a full cache (2: at batch 1 x 8K, 1-tile splits spend more on partials and the merge
+# than they gain in parallelism); "residual_splits": programs sharing the full-precision residual window.
+# "long": the settings used instead when each split streams at least "long_tiles" tiles at a full cache
+# (batch 1 x 128K, batch 8 x 32K): 2 warps uncapped (fewer layout exchanges between warps per tile,
+# no spills) beat 4 warps there, and lose where splits are short. Defaults: the H200 sweep of 2026-11-29
+# (32/8 heads, D=128, INT2; benchmarks/README.md).
 TUNING = {
     "block_n": 128,
     "tile_rows": 16,
@@ -629,9 +632,33 @@ TUNING = {
     "programs_per_sm": 4,
     "maxnreg": 128,
     "asm": True,
-    "min_tiles": 1,
+    "min_tiles": 2,
     "residual_splits": 4,
+    "long_tiles": 8,
+    "long": {"num_warps": 2, "maxnreg": 0, "programs_per_sm": 8},
 }
+
+
+def split_launch_config(batch: int, kv_heads: int, row_blocks: int, max_len: int, num_sms: int, block_n: int,
+                        head_dim_pad: int) -> tuple[int, dict]:
+    """(splits, launch settings) of the split kernel: a pure function of static sizes and ``TUNING``.
+
+    The settings are ``num_warps``, ``num_stages`` and ``maxnreg`` (0: uncapped), from ``TUNING`` or, when
+    every split streams at least ``TUNING["long_tiles"]`` tiles at a full cache, from ``TUNING["long"]``.
+    """
+    cfg = {k: TUNING[k] for k in ("num_warps", "num_stages", "maxnreg", "programs_per_sm")}
+    splits = num_kv_splits(batch, kv_heads, row_blocks, max_len, num_sms, block_n, cfg["programs_per_sm"],
+                           TUNING["min_tiles"])  # fmt: skip
+    tiles = -(-max_len // block_n)
+    if TUNING.get("long") and -(-tiles // splits) >= TUNING["long_tiles"]:
+        cfg.update(TUNING["long"])
+        splits = num_kv_splits(batch, kv_heads, row_blocks, max_len, num_sms, block_n, cfg["programs_per_sm"],
+                               TUNING["min_tiles"])  # fmt: skip
+    if head_dim_pad > 128:
+        cfg["num_warps"] = 8
+    if head_dim_pad != 128:  # the register cap was measured for head_dim 128 only (other sizes spill more)
+        cfg["maxnreg"] = 0
+    return splits, cfg
 
 
 @torch.no_grad()
@@ -724,8 +751,7 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
     ngt = block_n // g
     rb = max(1, TUNING["tile_rows"] // ngt)
     num_mb = -(-rows // rb)
-    splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n,
-                           TUNING["programs_per_sm"], TUNING["min_tiles"])  # fmt: skip
+    splits, cfg = split_launch_config(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n, d_pad)
     rsplits = max(1, min(TUNING["residual_splits"], r // 32))  # powers of two: r is a multiple of 32
     rsplits = 1 << (rsplits.bit_length() - 1)
     while r % rsplits:
@@ -737,7 +763,7 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
     nk = new_keys if has_new else cache.residual_keys
     nv = new_values if has_new else cache.residual_values
     c = cache
-    cap_regs = query.device.type == "cuda" and bool(TUNING["maxnreg"]) and d_pad == 128
+    cap_regs = query.device.type == "cuda" and bool(cfg["maxnreg"])
     for q0 in range(0, tq, t_loc):
         n_loc = min(t_loc, tq - q0)
         scalars = (scale, float(softcap or 1.0), int(window or 0), 1.0 / math.sqrt(hb), tq, c.max_len, q0, n_loc)
@@ -755,9 +781,8 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
             VC=max(16, d_pad // per_byte), SPLITS=splits,
             HAS_SKIP=has_skip, HAS_NEW=has_new, ATTEND_NEW=has_new and attend_new, SOFTCAP=softcap is not None,
             WINDOW=window is not None, ASM=query.device.type == "cuda" and TUNING["asm"],
-            num_warps=TUNING["num_warps"] if d_pad <= 128 else 8, num_stages=TUNING["num_stages"],
-            # the register cap was measured for head_dim 128 only (other sizes spill more under it)
-            **({"maxnreg": TUNING["maxnreg"]} if cap_regs else {}),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **({"maxnreg": cfg["maxnreg"]} if cap_regs else {}),
         )  # fmt: skip
         # without lse the kernel never stores through its LSE pointer: part_lse stands in (no allocation)
         torch.library.wrap_triton(_cache_attn_merge_kernel)[(group * n_loc, bsz * hkv)](

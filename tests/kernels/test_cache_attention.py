@@ -290,6 +290,27 @@ def test_num_kv_splits_is_pure_and_bounded():
     assert num_kv_splits(1, 8, 1, 131072, 132, 128) > num_kv_splits(32, 8, 1, 131072, 132, 128)
 
 
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 64), kv_heads=st.integers(1, 16), blocks=st.integers(1, 2048), sms=st.sampled_from([4, 78, 132]),
+       d_pad=st.sampled_from([32, 64, 128, 256]))  # fmt: skip
+def test_split_launch_config_rule(batch, kv_heads, blocks, sms, d_pad):
+    from oscar_compile.kernels.cache_attention import TUNING, split_launch_config
+
+    max_len = blocks * 128
+    splits, cfg = split_launch_config(batch, kv_heads, 1, max_len, sms, 128, d_pad)
+    assert (splits, cfg) == split_launch_config(batch, kv_heads, 1, max_len, sms, 128, d_pad)  # pure
+    assert 1 <= splits <= 64
+    # the rule: 4-warp settings, unless their splits would each stream >= long_tiles tiles at a full cache
+    short = num_kv_splits(batch, kv_heads, 1, max_len, sms, 128, TUNING["programs_per_sm"], TUNING["min_tiles"])
+    want = {k: TUNING[k] for k in ("num_warps", "num_stages", "maxnreg", "programs_per_sm")}
+    if -(-blocks // short) >= TUNING["long_tiles"]:
+        want.update(TUNING["long"])
+    assert splits == num_kv_splits(batch, kv_heads, 1, max_len, sms, 128, want["programs_per_sm"], TUNING["min_tiles"])
+    assert cfg["num_warps"] == (8 if d_pad > 128 else want["num_warps"])
+    assert cfg["num_stages"] == want["num_stages"]
+    assert cfg["maxnreg"] == (want["maxnreg"] if d_pad == 128 else 0)
+
+
 def test_validation_errors():
     fmt = CacheFormat(2, 32, 32, True)
     cache = filled_cache(fmt, [5], 1, 32, torch.float32, True, True, seed=0)
