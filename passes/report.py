@@ -31,6 +31,9 @@ class OScaRReport:
         skipped: ``(site name, reason)`` for every attention site left untouched (deduplicated).
         kv_bytes_bf16: bytes of the full-precision caches that were replaced, at their maximum length.
         kv_bytes_oscar: bytes of the OScaR state replacing them, at the same maximum length.
+        kv_slots: key/value element slots that state allocates (capacity: whole residual blocks), so
+            ``8 * kv_bytes_oscar / kv_slots`` is the exact bits per element held; ``cache_bits``: each cache's
+            code width (2 or 4; a bits budget mixes them).
         graphs: graphs the pass has seen; ``op_counts``: oscar ops inserted, over all graphs.
     """
 
@@ -43,6 +46,8 @@ class OScaRReport:
     op_counts: Counter = field(default_factory=Counter)
     caches: dict = field(default_factory=dict)  # cache name -> (bf16 bytes, oscar bytes)
     found: list = field(default_factory=list)  # SiteRecords matched but not rewritten (ATen discovery pass)
+    kv_slots: int = 0
+    cache_bits: dict = field(default_factory=dict)  # cache name -> code bits
 
     @property
     def rewritten(self) -> int:
@@ -55,11 +60,14 @@ class OScaRReport:
         if (name, reason) not in self.skipped and name not in self.sites:
             self.skipped.append((name, reason))
 
-    def add_cache(self, name: str, bf16_bytes: int, oscar_bytes: int) -> None:
+    def add_cache(self, name: str, bf16_bytes: int, oscar_bytes: int, slots: int = 0, bits=None) -> None:
         if name not in self.caches:
             self.caches[name] = (bf16_bytes, oscar_bytes)
             self.kv_bytes_bf16 += bf16_bytes
             self.kv_bytes_oscar += oscar_bytes
+            self.kv_slots += slots
+            if bits is not None:
+                self.cache_bits[name] = bits
 
     def __str__(self) -> str:
         lines = [f"OScaR compile report: {self.rewritten} site(s) rewritten, {len(self.skipped)} skipped, "
@@ -89,7 +97,14 @@ class OScaRReport:
                 size = f"{self.kv_bytes_bf16 / ours:.2f}x smaller"
             else:  # short caches: the full-precision residual window and per-group scales outweigh the codes
                 size = f"{ours / self.kv_bytes_bf16:.2f}x larger"
+            held = ""
+            if self.kv_slots:
+                held = f"; {8 * self.kv_bytes_oscar / self.kv_slots:.2f} bits per element held"
+            if self.cache_bits:
+                bits = list(self.cache_bits.values())
+                held += f", code bits {sum(bits) / len(bits):.3g}" + (
+                    f" (4 in {bits.count(4)} of {len(bits)} layers)" if len(set(bits)) > 1 else "")
             lines.append(
-                f"  KV cache: {self.kv_bytes_bf16:,} B full precision -> {self.kv_bytes_oscar:,} B OScaR ({size})"
+                f"  KV cache: {self.kv_bytes_bf16:,} B full precision -> {self.kv_bytes_oscar:,} B OScaR ({size}{held})"
             )
         return "\n".join(lines)

@@ -181,6 +181,12 @@ def test_graph_pass_gives_each_cache_its_layers_bits():
         outs = [compiled(x, pos) for x, pos in steps]
     names = [n.split("/") for n in compiled.oscar_report.caches]
     assert [attr(compiled, k).bits for k, _ in names] == [2, 4]
+    report = compiled.oscar_report
+    halves = [attr(compiled, n) for pair in names for n in pair]
+    assert report.kv_bytes_oscar == sum(h.nbytes_quantized() for h in halves)  # the report counts what is held
+    assert report.kv_slots == 2 * sum(h.residual_keys.numel() // h.residual_keys.shape[2] * h.capacity
+                                      for h in halves[::2])
+    assert f"{8 * report.kv_bytes_oscar / report.kv_slots:.2f} bits per element held, code bits 3 (4 in 1 of 2" in str(report)
     # reference: each layer's history fake-quantized with its own bits, attend-then-append
     pairs = names
     hist = {n: torch.zeros_like(attr(ref_model, n)) for p in pairs for n in p}
