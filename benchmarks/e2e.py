@@ -1,4 +1,5 @@
-"""End-to-end decode latency, throughput, memory and prefill: transformers StaticCache (bf16) vs oscar.compile.
+"""End-to-end decode latency, throughput, memory and prefill: transformers StaticCache (bf16) vs oscar.compile,
+or, with ``--mode uncompiled``, the same caches with no torch.compile anywhere.
 
 Llama-architecture models with **random bf16 weights** (speed does not depend on the weights). KV caches
 are filled synthetically to save device time: the bf16 ``StaticCache`` gets random keys/values written
@@ -6,8 +7,17 @@ into its tensors; the OScaR cache gets random keys/values appended through the r
 (``oscar::append_kv``), so its state is a real quantized cache. Decode steps then run through the compiled
 model (``mode="reduce-overhead"``: CUDA graphs, ``fullgraph=True``) and are timed with CUDA events.
 
-Phases (``--phases``; every phase runs bf16 first, on the untouched model, then ``oscar.compile`` rewrites
-the same model in place and the OScaR runs follow):
+``--mode`` says what is measured:
+
+* a ``torch.compile`` mode (``reduce-overhead``, the default; ``default``; ``max-autotune``, ...): bf16 is
+  ``torch.compile(model.forward, mode=...)`` with a ``StaticCache``, OScaR is ``oscar.compile(model, mode=...)``.
+* ``uncompiled``: what a user who never compiles gets. bf16 is the plain model with a ``StaticCache``
+  (method ``bf16``) or a ``DynamicCache`` (method ``dynamic``, grown by concatenation each step); OScaR is
+  ``use_oscar_cache(model)`` with an ``OScaRCache`` (its ops launch the Triton kernels directly on CUDA).
+  (The former ``--mode eager`` still went through ``oscar.compile``: it is gone.)
+
+Phases (``--phases``; every phase runs the bf16 methods first, on the untouched model, then ``oscar.compile``
+(or ``use_oscar_cache``) changes the same model in place and the OScaR runs follow):
 
 * ``decode``: ms/token at each batch x context. bf16 gets a ``StaticCache`` sized to the context (its best
   case: StaticCache attention reads the whole capacity every step); OScaR one cache per batch sized for the
@@ -30,7 +40,9 @@ Usage (GPU; each call fits the device tool's 10-minute limit):
     python benchmarks/e2e.py --model 8b --methods bf16 --json $OUT/bf16.json
     python benchmarks/e2e.py --model 8b --methods oscar --json $OUT/oscar.json
     python benchmarks/e2e.py --report bf16.json oscar.json      # one table from several runs
-CPU smoke test (tiny model, no CUDA graphs):
+    python benchmarks/e2e.py --model 8b --mode uncompiled --methods bf16 dynamic oscar --batches 1 \\
+        --contexts 8192 32768 --phases decode --json $OUT/uncompiled.json
+CPU smoke test (tiny model, no CUDA graphs; add ``--mode uncompiled --methods bf16 dynamic oscar`` for that path):
     python benchmarks/e2e.py --model tiny --contexts 256 512 --batches 1 2 --steps 2 --warmup 1 \\
         --throughput-context 128 --prefill-lengths 64
 """
@@ -50,7 +62,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 import oscar_compile as oscar
 from oscar_compile import OScaRConfig, ops
-from oscar_compile.hf_cache import OScaRCache, cache_kwarg_name
+from oscar_compile.hf_cache import OScaRCache, cache_kwarg_name, use_oscar_cache
 from oscar_compile.kernels import CacheFormat, allocate_cache, cache_nbytes
 from oscar_compile.kv_tensor import cache_tensors
 
@@ -63,6 +75,13 @@ MODELS = {
                  num_key_value_heads=2, vocab_size=1000),
 }  # fmt: skip
 GiB = 2**30
+METHODS = ("bf16", "dynamic", "oscar")  # run in this order: the bf16 caches first, on the untouched model
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def kv_kind(method: str) -> str:
+    """The bytes a method's cache holds: "bf16" (StaticCache and DynamicCache alike) or "oscar"."""
+    return "oscar" if method == "oscar" else "bf16"
 
 
 def build_model(name: str, device: str) -> LlamaForCausalLM:
@@ -107,7 +126,7 @@ def oscar_format(config: OScaRConfig) -> CacheFormat:
 def kv_read_bytes(model, batch: int, context: int, method: str, config: OScaRConfig) -> int:
     """Bytes of KV state one decode step must read at ``context`` stored tokens."""
     layers, heads, d = layer_shapes(model)
-    if method == "bf16":
+    if kv_kind(method) == "bf16":
         return 2 * layers * batch * heads * context * d * 2
     r = config.residual_length
     quantized = context // r * r
@@ -120,7 +139,7 @@ def kv_read_bytes(model, batch: int, context: int, method: str, config: OScaRCon
 def cache_bytes_per_sequence(model, capacity: int, method: str, config: OScaRConfig) -> int:
     """Bytes one sequence's cache holds at ``capacity`` positions (what limits the batch)."""
     layers, heads, d = layer_shapes(model)
-    if method == "bf16":
+    if kv_kind(method) == "bf16":
         return 2 * layers * heads * capacity * d * 2
     r = config.residual_length
     cap = -(-capacity // r) * r
@@ -182,6 +201,14 @@ def fill_static(cache: StaticCache, model, batch: int, context: int, device: str
             layer.lazy_initialization(k, k)
         layer.keys[:, :, :context].normal_(generator=gen)
         layer.values[:, :, :context].normal_(generator=gen)
+
+
+def fill_dynamic(cache: DynamicCache, model, batch: int, context: int, device: str):
+    layers, heads, d = layer_shapes(model)
+    gen = torch.Generator(device=device).manual_seed(1)
+    for i in range(layers):
+        k, v = (torch.randn(batch, heads, context, d, dtype=torch.bfloat16, device=device, generator=gen) for _ in "kv")
+        cache.update(k, v, i)
 
 
 def fill_oscar(cache: OScaRCache, model, batch: int, context: int, device: str):
@@ -288,19 +315,24 @@ class Runner:
         }  # fmt: skip
 
     def use(self, method):
-        """Switch to ``method``: bf16 = torch.compile of the plain model; oscar = oscar.compile (in place)."""
+        """Switch to ``method``. Compiled modes: bf16 = torch.compile of the plain model, oscar = oscar.compile
+        (in place). ``uncompiled``: the plain model's forward; oscar = ``use_oscar_cache`` (in place)."""
         if method == self.method:
             return
         if self.method == "oscar":
-            raise RuntimeError("bf16 runs must come before oscar.compile rewrites the model")
+            raise RuntimeError("bf16 runs must come before OScaR changes the model")
         a = self.args
         torch._dynamo.reset()
-        if method == "bf16":
+        uncompiled = a.mode == "uncompiled"
+        if method != "oscar":
             set_bf16_attention(self.model, a.bf16_attention)
             fwd = self.model.forward
-            self.forward = torch.compile(fwd, mode=a.mode, fullgraph=True) if a.mode != "eager" else fwd
+            self.forward = fwd if uncompiled else torch.compile(fwd, mode=a.mode, fullgraph=True)
+        elif uncompiled:
+            use_oscar_cache(self.model, self.config)
+            self.forward = self.model.forward
         else:
-            kw = {"mode": a.mode} if a.mode not in ("eager", "default") else {}
+            kw = {"mode": a.mode} if a.mode != "default" else {}
             oscar.compile(self.model, self.config, fullgraph=True, **kw)
             self.forward = self.model
         self.method = method
@@ -308,10 +340,13 @@ class Runner:
     def new_cache(self, batch, capacity):
         if self.method == "bf16":
             return StaticCache(config=self.model.config, max_cache_len=capacity)
+        if self.method == "dynamic":
+            return DynamicCache(config=self.model.config)
         return OScaRCache(self.model.config, max_cache_len=capacity, oscar_config=self.config)
 
     def fill(self, cache, batch, context):
-        (fill_static if self.method == "bf16" else fill_oscar)(cache, self.model, batch, context, self.device)
+        fill = {"bf16": fill_static, "dynamic": fill_dynamic, "oscar": fill_oscar}[self.method]
+        fill(cache, self.model, batch, context, self.device)
 
     def fits(self, batch, capacity) -> tuple[bool, float]:
         need = batch * cache_bytes_per_sequence(self.model, capacity, self.method, self.config)
@@ -337,7 +372,7 @@ class Runner:
             for context in sorted(a.contexts):
                 reset_memory(self.device)
                 row = {"method": self.method, "batch": batch, "context": context}
-                if self.method == "bf16":
+                if self.method != "oscar":
                     ok, need = self.fits(batch, context + margin)
                     cache = self.new_cache(batch, context + margin) if ok else None
                 if cache is None:
@@ -353,7 +388,7 @@ class Runner:
                 row["floors"] = floors_ms(self.model, batch, context, self.config, self.bw)
                 self.results["decode"].append(row)
                 print("decode", row, flush=True)
-                if self.method == "bf16":
+                if self.method != "oscar":
                     cache = None
             del cache
 
@@ -414,6 +449,8 @@ class Runner:
         a = self.args
         layers, heads, d = layer_shapes(self.model)
         forward = self.model.forward  # eager (oscar.compile only replaces __call__'s compiled path)
+        if self.method == "dynamic":
+            return  # bf16's prefill already runs on a DynamicCache
         for length in a.prefill_lengths:
             reset_memory(self.device)
             ids = torch.randint(0, self.model.config.vocab_size, (1, length), device=self.device)
@@ -529,10 +566,11 @@ def report(results: list[dict]):
         return f"{a / b:.2f}x" if a and b else ""
 
     dec = {(r["batch"], r["context"], r["method"]): r for res in results for r in res["decode"]}
+    dynamic = any(m == "dynamic" for _, _, m in dec)
     rows = []
     for b, c in sorted({(b, c) for b, c, _ in dec}):
-        bf, os_ = dec.get((b, c, "bf16")), dec.get((b, c, "oscar"))
-        fl = (os_ or bf)["floors"]
+        bf, dy, os_ = dec.get((b, c, "bf16")), dec.get((b, c, "dynamic")), dec.get((b, c, "oscar"))
+        fl = (os_ or bf or dy)["floors"]
 
         def cell(r, key, fmt):
             return "" if r is None else r.get("oom", "OOM")[:24] if "ms" not in r else fmt.format(r[key])
@@ -541,17 +579,21 @@ def report(results: list[dict]):
                      ratio(bf and bf.get("ms"), os_ and os_.get("ms")), f"{fl['bf16']:.2f}", f"{fl['oscar']:.2f}",
                      ratio(bf and bf.get("ms"), fl["bf16"]), ratio(os_ and os_.get("ms"), fl["oscar"]),
                      cell(bf, "peak_gib", "{:.1f}") + " / " + cell(os_, "peak_gib", "{:.1f}"),
-                     cell(bf, "first_s", "{:.1f}") + " / " + cell(os_, "first_s", "{:.1f}")])  # fmt: skip
+                     cell(bf, "first_s", "{:.1f}") + " / " + cell(os_, "first_s", "{:.1f}")]
+                    + ([cell(dy, "ms", "{:.2f}"), ratio(dy and dy.get("ms"), os_ and os_.get("ms"))] if dynamic else []))  # fmt: skip
     if rows:
-        print("\n(a) decode ms/token (mean of timed steps, CUDA graphs)")
-        print(tabulate(rows, headers=["batch", "context", "bf16 ms", "OScaR ms", "speedup", "bf16 floor",
+        modes = sorted({m["mode"] for m in metas})
+        print(f"\n(a) decode ms/token (mean of timed steps; mode {', '.join(modes)}: "
+              f"{'CUDA graphs' if 'reduce-overhead' in modes else 'no CUDA graphs'})")
+        print(tabulate(rows, headers=["batch", "context", "bf16 ms (StaticCache)", "OScaR ms", "speedup", "bf16 floor",
                                       "INT2 floor", "bf16/floor", "OScaR/floor", "peak GiB bf16/OScaR",
-                                      "first call s bf16/OScaR"], tablefmt="github"))  # fmt: skip
+                                      "first call s bf16/OScaR"]
+                       + (["DynamicCache ms", "speedup vs DynamicCache"] if dynamic else []), tablefmt="github"))  # fmt: skip
     thr = [r for res in results for r in res["throughput"]]
     if thr:
         best_bf16 = max((r["tok_s"] for r in thr if r["method"] == "bf16" and "tok_s" in r), default=None)
         rows = [[r["method"], r["kind"], r["batch"], r["context"], f"{r['ms']:.2f}", f"{r['tok_s']:.0f}",
-                 ratio(r["tok_s"], best_bf16), f"{r['floors'][r['method']]:.2f}", ratio(r["ms"], r["floors"][r["method"]]),
+                 ratio(r["tok_s"], best_bf16), f"{r['floors'][kv_kind(r['method'])]:.2f}", ratio(r["ms"], r["floors"][kv_kind(r["method"])]),
                  f"{r['cache_gib']:.1f}", f"{r['peak_gib']:.1f}", f"{r['first_s']:.1f}"] if "ms" in r else
                 [r["method"], r["kind"], r["batch"], r["context"], r.get("oom", "")] + [""] * 7 for r in thr]  # fmt: skip
         print("\n(b) decode throughput")
@@ -588,7 +630,8 @@ def main():
     p.add_argument("--model", choices=sorted(MODELS), default="8b")
     p.add_argument("--phases", nargs="*", default=["decode", "throughput", "prefill", "profile"],
                    choices=["decode", "throughput", "prefill", "profile"])
-    p.add_argument("--methods", nargs="*", default=["bf16", "oscar"], choices=["bf16", "oscar"])
+    p.add_argument("--methods", nargs="*", default=["bf16", "oscar"], choices=METHODS,
+                   help="bf16: StaticCache; dynamic: DynamicCache (--mode uncompiled only); oscar: OScaRCache")
     p.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 65536, 131072])
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     p.add_argument("--steps", type=int, default=20)
@@ -600,7 +643,9 @@ def main():
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=[4096, 32768])
     p.add_argument("--prefill-reps", type=int, default=3)
     p.add_argument("--profile-point", type=int, nargs=2, default=[1, 131072], metavar=("BATCH", "CONTEXT"))
-    p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both paths, or 'eager'")
+    p.add_argument("--mode", default="reduce-overhead",
+                   help=f"torch.compile mode of both paths ({', '.join(COMPILE_MODES)}; oscar.compile for OScaR), "
+                        "or 'uncompiled': no torch.compile (plain model; use_oscar_cache + OScaRCache for OScaR)")
     p.add_argument("--config", choices=["paper", "default"], default="paper",
                    help="OScaR preset; speed does not depend on it (key flags are read per head at run time)")
     p.add_argument("--bf16-attention", choices=["sdpa", "sdpa_packed"], default="sdpa",
@@ -609,6 +654,13 @@ def main():
     p.add_argument("--json", help="write the results here")
     p.add_argument("--report", nargs="*", help="print the tables of earlier --json results and exit")
     args = p.parse_args()
+    if args.mode == "eager":
+        p.error("--mode eager is gone (it still ran oscar.compile): --mode uncompiled measures OScaRCache without "
+                "torch.compile against the plain model's StaticCache (bf16) and DynamicCache (dynamic)")
+    if args.mode not in (*COMPILE_MODES, "uncompiled"):
+        p.error(f"--mode must be one of {(*COMPILE_MODES, 'uncompiled')}, got {args.mode!r}")
+    if "dynamic" in args.methods and args.mode != "uncompiled":
+        p.error("--methods dynamic needs --mode uncompiled (a DynamicCache grows every step: compiled, it recompiles)")
     if args.report:
         report([json.load(open(f)) for f in args.report])
         return
@@ -617,7 +669,7 @@ def main():
         args.mode = "default"
     run = Runner(args, device)
     print(run.results["meta"], flush=True)
-    for method in [m for m in ("bf16", "oscar") if m in args.methods]:
+    for method in [m for m in METHODS if m in args.methods]:
         run.use(method)
         for phase in ("prefill", "decode", "throughput", "profile"):  # prefill first: eager, no compile state
             if phase in args.phases:

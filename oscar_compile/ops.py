@@ -28,7 +28,8 @@ Two ops, named as the graph passes and the cache subclass call them:
   ``F.scaled_dot_product_attention``) because it reaches ``__torch_dispatch__`` undecomposed on every
   device, carries ``softcap`` and is traced by torch.compile as one node.
 
-The 12 cache tensors are passed in :class:`~oscar_compile.kernels.CacheTensors` order. Step order is
+The 12 cache tensors are passed in :class:`~oscar_compile.kernels.CacheTensors` field order, the format as
+:class:`~oscar_compile.kernels.CacheFormat`'s fields (one owner: ``_cache_op_signature``). Step order is
 attention first, then append (DESIGN.md §2, "attend-then-append").
 
 Backends:
@@ -39,7 +40,7 @@ Backends:
   through ``torch.library.triton_op``: under torch.compile on CUDA the op is decomposed into its
   ``wrap_triton`` kernel calls, so Inductor sees (and CUDA graphs capture) the kernels. For that the
   launchers must call their kernels as ``wrap_triton(_kernel)[grid](...)`` and do no host syncs.
-  On any other device (and when the launcher is not importable) the op stays opaque during tracing: the
+  On any other device the op stays opaque during tracing: the
   DESIGN §4 pitfall is that ``triton_op`` cannot be traced when Triton runs in the CPU interpreter.
 * eager on CUDA: the Python wrappers (``append_kv``, ``attention``, ``attend_append``) skip the op dispatch
   and launch the kernels directly when nothing is tracing (``_launch_directly``): host time per call is
@@ -52,15 +53,18 @@ sync) and :func:`check_overflow` raises at the next eager check.
 from __future__ import annotations
 
 import contextlib
-import importlib
+import inspect
+import typing
 from typing import Optional
 
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
+from .kernels.append_kv import append_kv as _append_kv_launcher
 from .kernels.append_kv import append_kv_ref
 from .kernels.append_kv import check_overflow as _check_overflow
 from .kernels.attention_ref import masked_softmax
+from .kernels.cache_attention import cache_attention as _cache_attention_launcher
 from .kernels.cache_attention import cache_attention_ref
 from .kernels.cache_layout import CacheFormat, CacheTensors
 from .kernels.key_transform import choose_key_flags as _choose_key_flags
@@ -68,7 +72,7 @@ from .kernels.new_token_attention import DENSE_MIN_QUERIES, causal_attention
 
 __all__ = [
     "append_kv", "attend_append", "attention", "check_overflow", "choose_key_flags", "left_pads",
-    "refresh_key_flags", "sdpa", "triton_launcher",
+    "refresh_key_flags", "sdpa",
 ]  # fmt: skip
 
 Tensor = torch.Tensor
@@ -89,21 +93,59 @@ APPEND_MUTATES = (
 assert APPEND_MUTATES == CacheTensors._fields[:10]
 
 
-def triton_launcher(name: str):
-    """The Triton launcher ``kernels.<name>.<name>``-style callable, or None while it does not exist.
-
-    ``name`` is ``"append_kv"`` or ``"cache_attention"``. Imported lazily: importing Triton kernel
-    modules must wait until ``TRITON_INTERPRET`` is settled, and the launchers are added separately.
-    """
-    try:
-        module = importlib.import_module(f"oscar_compile.kernels.{name}")
-    except ImportError:
-        return None
-    return getattr(module, name, None)
+# ---------------------------------------------------------------------------------------------------
+# The cache ops' arguments, in one place. torch.library ops take tensors one by one, so the cache and append
+# ops take a layer's cache as the 12 CacheTensors fields and its format as CacheFormat's 4 fields, in field
+# order, each op spelled (query?, <cache>, new_keys, new_values, skip, <format>, <op's own>). The op bodies
+# get the flat arguments and regroup them with _split_cache_args; the wrappers flatten with
+# _cache_args; the schemas are inferred from the signature _cache_op_signature builds from the field lists.
 
 
-def _decompose_on_cuda(launcher_name: str, fn):
-    """FunctionalTensorMode handler replacing triton_op's: decompose only on CUDA with a launcher.
+def _param(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation, default=default)
+
+
+_CACHE_PARAMS = [_param(name, Tensor) for name in CacheTensors._fields]
+_FORMAT_PARAMS = [_param(name, typing.get_type_hints(CacheFormat)[name]) for name in CacheFormat._fields]
+_ATTEND_PARAMS = [_param("scale", float), _param("softcap", Optional[float]), _param("window", Optional[int])]
+
+
+def _cache_op_signature(query: bool, new_optional: bool, extra=(), returns=None):
+    """Decorator: give an op body ``fn(*args)`` the flat signature its schema is inferred from:
+    ``(query?, <12 cache tensors>, new_keys, new_values, skip, <4 format fields>, *extra)``."""
+    new = Optional[Tensor] if new_optional else Tensor
+    params = [
+        *([_param("query", Tensor)] if query else []), *_CACHE_PARAMS,
+        _param("new_keys", new), _param("new_values", new), _param("skip", Optional[Tensor]),
+        *_FORMAT_PARAMS, *extra,
+    ]  # fmt: skip
+
+    def decorate(fn):
+        fn.__signature__ = inspect.Signature(params, return_annotation=returns)
+        return fn
+
+    return decorate
+
+
+def _cache_args(cache: CacheTensors, fmt: CacheFormat, new_keys, new_values, skip) -> tuple:
+    """The op arguments ``(<12 cache tensors>, new_keys, new_values, skip, <4 format fields>)``."""
+    return (*cache, new_keys, new_values, skip, *fmt)
+
+
+def _split_cache_args(args) -> tuple:
+    """Inverse of :func:`_cache_args`: ``(cache, fmt, new_keys, new_values, skip, the op's remaining args)``."""
+    n, f = len(CacheTensors._fields), len(CacheFormat._fields)
+    new_keys, new_values, skip = args[n : n + 3]
+    return CacheTensors(*args[:n]), CacheFormat(*args[n + 3 : n + 3 + f]), new_keys, new_values, skip, args[n + 3 + f :]
+
+
+def _like_query(query, *args, **kwargs) -> Tensor:
+    # fake impl of the attention ops. query: [B, Hq, T, D] -> same shape/dtype, contiguous
+    return torch.empty(query.shape, dtype=query.dtype, device=query.device)
+
+
+def _decompose_on_cuda(fn):
+    """FunctionalTensorMode handler replacing triton_op's: decompose only on CUDA.
 
     Elsewhere keep the op opaque (functionalized as a custom op), as triton_op itself does for export.
     """
@@ -122,12 +164,7 @@ def _decompose_on_cuda(launcher_name: str, fn):
             for t in types
         ):
             return NotImplemented
-        device = args[0].device
-        if (
-            device.type == "cuda"
-            and not custom_triton_ops_decomposition_disabled()
-            and triton_launcher(launcher_name) is not None
-        ):
+        if args[0].device.type == "cuda" and not custom_triton_ops_decomposition_disabled():
             with mode:
                 return fn(*args, **kwargs)
         return mode.__torch_dispatch__(op, types, args, kwargs)
@@ -139,51 +176,19 @@ def _decompose_on_cuda(launcher_name: str, fn):
 # append_kv
 
 
-def _append_kv_triton(
-    key_codes: Tensor,
-    key_mn: Tensor,
-    key_scale: Tensor,
-    key_norms: Tensor,
-    value_codes: Tensor,
-    value_mn: Tensor,
-    value_scale: Tensor,
-    residual_keys: Tensor,
-    residual_values: Tensor,
-    lengths: Tensor,
-    key_rotated: Tensor,
-    key_scaled: Tensor,
-    new_keys: Tensor,
-    new_values: Tensor,
-    skip: Optional[Tensor],
-    bits: int,
-    group_size: int,
-    residual_length: int,
-    rotate_values: bool,
-) -> None:
-    cache = CacheTensors(
-        key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale,
-        residual_keys, residual_values, lengths, key_rotated, key_scaled,
-    )  # fmt: skip
-    fmt = CacheFormat(bits, group_size, residual_length, rotate_values)
-    launcher = triton_launcher("append_kv")
-    if launcher is None:  # no Triton launcher yet: the reference runs on any device
-        append_kv_ref(cache, fmt, new_keys, new_values, skip)
-        return
-    launcher(cache, fmt, new_keys, new_values, skip)
+@_cache_op_signature(query=False, new_optional=False)
+def _append_kv_triton(*args) -> None:
+    cache, fmt, new_keys, new_values, skip, _ = _split_cache_args(args)
+    _append_kv_launcher(cache, fmt, new_keys, new_values, skip)
 
 
 _append_kv_op = torch.library.triton_op("oscar::append_kv", _append_kv_triton, mutates_args=APPEND_MUTATES)
 
 
 @_append_kv_op.register_kernel("cpu")
-def _(key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale, residual_keys,
-      residual_values, lengths, key_rotated, key_scaled, new_keys, new_values, skip, bits, group_size,
-      residual_length, rotate_values):  # fmt: skip
-    cache = CacheTensors(
-        key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale,
-        residual_keys, residual_values, lengths, key_rotated, key_scaled,
-    )  # fmt: skip
-    append_kv_ref(cache, CacheFormat(bits, group_size, residual_length, rotate_values), new_keys, new_values, skip)
+def _(*args):
+    cache, fmt, new_keys, new_values, skip, _ = _split_cache_args(args)
+    append_kv_ref(cache, fmt, new_keys, new_values, skip)
 
 
 @_append_kv_op.register_fake
@@ -191,71 +196,34 @@ def _(*args, **kwargs):
     return None
 
 
-_append_kv_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda("append_kv", _append_kv_triton))
+_append_kv_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(_append_kv_triton))
 
 
 # ---------------------------------------------------------------------------------------------------
 # attention
 
 
-def _attention_triton(
-    query: Tensor,
-    key_codes: Tensor,
-    key_mn: Tensor,
-    key_scale: Tensor,
-    key_norms: Tensor,
-    value_codes: Tensor,
-    value_mn: Tensor,
-    value_scale: Tensor,
-    residual_keys: Tensor,
-    residual_values: Tensor,
-    lengths: Tensor,
-    key_rotated: Tensor,
-    key_scaled: Tensor,
-    new_keys: Optional[Tensor],
-    new_values: Optional[Tensor],
-    skip: Optional[Tensor],
-    bits: int,
-    group_size: int,
-    residual_length: int,
-    rotate_values: bool,
-    scale: float,
-    softcap: Optional[float],
-    window: Optional[int],
-) -> Tensor:
-    cache = CacheTensors(
-        key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale,
-        residual_keys, residual_values, lengths, key_rotated, key_scaled,
-    )  # fmt: skip
-    fmt = CacheFormat(bits, group_size, residual_length, rotate_values)
-    launcher = triton_launcher("cache_attention") or cache_attention_ref
-    out = launcher(query, cache, fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
-    return out.contiguous()
+def _attention_body(attend, query, args) -> Tensor:
+    cache, fmt, new_keys, new_values, skip, (scale, softcap, window) = _split_cache_args(args)
+    out = attend(query, cache, fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
+    return out.contiguous()  # the fake impl promises a contiguous output
+
+
+@_cache_op_signature(query=True, new_optional=True, extra=_ATTEND_PARAMS, returns=Tensor)
+def _attention_triton(query, *args) -> Tensor:
+    return _attention_body(_cache_attention_launcher, query, args)
 
 
 _attention_op = torch.library.triton_op("oscar::attention", _attention_triton, mutates_args=())
 
 
 @_attention_op.register_kernel("cpu")
-def _(query, key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale, residual_keys,
-      residual_values, lengths, key_rotated, key_scaled, new_keys, new_values, skip, bits, group_size,
-      residual_length, rotate_values, scale, softcap, window):  # fmt: skip
-    cache = CacheTensors(
-        key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale,
-        residual_keys, residual_values, lengths, key_rotated, key_scaled,
-    )  # fmt: skip
-    fmt = CacheFormat(bits, group_size, residual_length, rotate_values)
-    out = cache_attention_ref(query, cache, fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
-    return out.contiguous()  # the fake impl promises a contiguous output
+def _(query, *args):
+    return _attention_body(cache_attention_ref, query, args)
 
 
-@_attention_op.register_fake
-def _(query, *args, **kwargs):
-    # query: [B, Hq, T, D] -> same shape/dtype, contiguous
-    return torch.empty(query.shape, dtype=query.dtype, device=query.device)
-
-
-_attention_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda("cache_attention", _attention_triton))
+_attention_op.register_fake(_like_query)
+_attention_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda(_attention_triton))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,42 +231,17 @@ _attention_op.register_torch_dispatch(FunctionalTensorMode, _decompose_on_cuda("
 
 
 @torch.library.custom_op("oscar::attend_append", mutates_args=APPEND_MUTATES)
-def _attend_append_op(
-    query: Tensor,
-    key_codes: Tensor,
-    key_mn: Tensor,
-    key_scale: Tensor,
-    key_norms: Tensor,
-    value_codes: Tensor,
-    value_mn: Tensor,
-    value_scale: Tensor,
-    residual_keys: Tensor,
-    residual_values: Tensor,
-    lengths: Tensor,
-    key_rotated: Tensor,
-    key_scaled: Tensor,
-    new_keys: Tensor,
-    new_values: Tensor,
-    skip: Optional[Tensor],
-    bits: int,
-    group_size: int,
-    residual_length: int,
-    rotate_values: bool,
-    scale: float,
-    softcap: Optional[float],
-    window: Optional[int],
-    stored_empty: bool = False,
-) -> Tensor:
+@_cache_op_signature(query=True, new_optional=False, extra=[*_ATTEND_PARAMS, _param("stored_empty", bool, False)],
+                     returns=Tensor)  # fmt: skip
+def _attend_append_op(query, *args) -> Tensor:
     # Why a fused op: as two ops, attention (a pure read of the cache) and append (a mutation) have no
     # data dependency once functionalized, and Inductor's reorder_for_locality sinks the attention below
     # the append; the re-inplacing pass must then clone every cache buffer (and copy it back) each step.
     # One op keeps the order inside it, so the append is re-inplaced. Opaque (custom_op, not triton_op)
     # on CUDA too: a triton_op would be decomposed into the same two independent kernel calls.
-    cache = CacheTensors(
-        key_codes, key_mn, key_scale, key_norms, value_codes, value_mn, value_scale,
-        residual_keys, residual_values, lengths, key_rotated, key_scaled,
-    )  # fmt: skip
-    fmt = CacheFormat(bits, group_size, residual_length, rotate_values)
+    cache, fmt, new_keys, new_values, skip, (scale, softcap, window, *stored_empty) = _split_cache_args(args)
+    # the dispatcher leaves out a trailing argument equal to its default (stored_empty=False)
+    stored_empty = bool(stored_empty and stored_empty[0])
     return _attend_append_impl(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window, stored_empty)
 
 
@@ -307,10 +250,8 @@ def _attend_append_impl(query, cache, fmt, new_keys, new_values, skip, scale, so
     attend, append = cache_attention_ref, append_kv_ref
     kw = dict(scale=scale, softcap=softcap, window=window)
     if query.device.type == "cuda":
-        attend = triton_launcher("cache_attention") or attend
-        append = triton_launcher("append_kv") or append
-        if attend is not cache_attention_ref:  # the reference needs no hint
-            kw["stored_empty"] = stored_empty
+        attend, append = _cache_attention_launcher, _append_kv_launcher
+        kw["stored_empty"] = stored_empty  # a hint the reference does not need
     elif stored_empty and _dense_prompt_on_cpu(query, new_keys, softcap, window):
         # a long first step (prefill) on CPU: nothing stored, so its attention is causal self-attention, which
         # PyTorch's SDPA does without the reference's full T x T score matrix in fp32
@@ -380,9 +321,7 @@ def _mark_mutated(cache: CacheTensors) -> None:
     torch.autograd.graph.increment_version(cache[: len(APPEND_MUTATES)])
 
 
-@_attend_append_op.register_fake
-def _(query, *args, **kwargs):
-    return torch.empty(query.shape, dtype=query.dtype, device=query.device)
+_attend_append_op.register_fake(_like_query)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,15 +452,11 @@ def append_kv(
     On CUDA an overflow (a sequence passing ``max_len``) is marked, not raised: :func:`check_overflow`.
     """
     if _launch_directly(new_keys, (new_keys, new_values, skip, *cache)):
-        launcher = triton_launcher("append_kv")
-        if launcher is not None:
-            with _direct_triton_launches():
-                launcher(cache, fmt, new_keys, new_values, skip)
-            _mark_mutated(cache)
-            return
-    torch.ops.oscar.append_kv(
-        *cache, new_keys, new_values, skip, fmt.bits, fmt.group_size, fmt.residual_length, fmt.rotate_values
-    )
+        with _direct_triton_launches():
+            _append_kv_launcher(cache, fmt, new_keys, new_values, skip)
+        _mark_mutated(cache)
+        return
+    torch.ops.oscar.append_kv(*_cache_args(cache, fmt, new_keys, new_values, skip))
 
 
 def check_overflow(cache, max_len: Optional[int] = None) -> None:
@@ -543,14 +478,10 @@ def check_overflow(cache, max_len: Optional[int] = None) -> None:
     _check_overflow(lengths, int(max_len))
 
 
-def _attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window) -> tuple:
-    """The positional arguments shared by ``oscar::attention`` and ``oscar::attend_append``."""
+def _attend_options(query, scale, softcap, window) -> tuple:
+    """``(scale, softcap, window)`` as ``oscar::attention`` and ``oscar::attend_append`` take them."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    return (
-        query, *cache, new_keys, new_values, skip,
-        fmt.bits, fmt.group_size, fmt.residual_length, fmt.rotate_values,
-        float(scale), None if softcap is None else float(softcap), None if window is None else int(window),
-    )  # fmt: skip
+    return float(scale), None if softcap is None else float(softcap), None if window is None else int(window)
 
 
 def attention(
@@ -570,14 +501,12 @@ def attention(
     scale defaults to ``D ** -0.5``; ``softcap``/``window`` as in ``kernels.cache_attention``.
     Eager calls on CUDA launch the Triton kernels directly (no op dispatch); see ``_launch_directly``.
     """
-    args = _attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window)
+    scale, softcap, window = _attend_options(query, scale, softcap, window)
     if _launch_directly(query, (query, new_keys, new_values, skip, *cache)):
-        launcher = triton_launcher("cache_attention")
-        if launcher is not None:
-            with _direct_triton_launches():
-                out = launcher(query, cache, fmt, new_keys, new_values, skip, scale=args[-3], softcap=args[-2], window=args[-1])
-            return out.contiguous()
-    return torch.ops.oscar.attention(*args)
+        with _direct_triton_launches():
+            out = _cache_attention_launcher(query, cache, fmt, new_keys, new_values, skip, scale=scale, softcap=softcap, window=window)
+        return out.contiguous()
+    return torch.ops.oscar.attention(query, *_cache_args(cache, fmt, new_keys, new_values, skip), scale, softcap, window)
 
 
 def attend_append(
@@ -600,12 +529,14 @@ def attend_append(
     promise gives a wrong answer: only :class:`~oscar_compile.hf_cache.OScaRLayer` sets it, on the first
     step after allocation or ``reset``. Eager calls on CUDA run the op's body directly (no op dispatch).
     """
-    args = _attention_args(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window)
+    options = _attend_options(query, scale, softcap, window)
     if _launch_directly(query, (query, new_keys, new_values, skip, *cache)):
-        out = _attend_append_impl(query, cache, fmt, new_keys, new_values, skip, *args[-3:], bool(stored_empty))
+        out = _attend_append_impl(query, cache, fmt, new_keys, new_values, skip, *options, bool(stored_empty))
         _mark_mutated(cache)
         return out
-    return torch.ops.oscar.attend_append(*args, bool(stored_empty))
+    return torch.ops.oscar.attend_append(
+        query, *_cache_args(cache, fmt, new_keys, new_values, skip), *options, bool(stored_empty)
+    )
 
 
 def sdpa(

@@ -31,37 +31,43 @@ class OScaRBackend:
         config: :class:`OScaRConfig` (defaults to ``OScaRConfig()``).
         report: where matches and skips are recorded (a fresh :class:`OScaRReport` by default).
         inductor_options: Inductor config patches (what ``torch.compile(options=..., mode=...)`` would set).
-        inner: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph as is; for debugging).
+        compiler: what compiles the rewritten graph: ``"inductor"`` (default, with ``inductor_options``), or
+            any other ``torch.compile`` backend, by name or as a callable ``(gm, example_inputs) -> callable``.
+            For debugging: ``"eager"`` runs the rewritten graph as is and ``"aot_eager"`` adds AOT tracing
+            without Inductor, which tells a rewrite problem from an Inductor one; a callable also sees the
+            rewritten ``GraphModule`` (``gm.code``) of every graph.
 
     A graph that replaces full-precision caches by OScaR halves (:mod:`.rewrite`) reads the halves from the
     GraphModule; they take the caches' place in their modules right after that graph's first run, so
     every later trace sees the halves as the module's own attributes.
     """
 
-    def __init__(self, config=None, report=None, inductor_options=None, inner="inductor"):
+    def __init__(self, config=None, report=None, inductor_options=None, compiler="inductor"):
         self.config = OScaRConfig() if config is None else config
         if not isinstance(self.config, OScaRConfig):
             raise TypeError(f"config must be an OScaRConfig, got {type(self.config).__name__}")
-        if inner not in ("inductor", "eager"):
-            raise ValueError(f"inner must be 'inductor' or 'eager', got {inner!r}")
+        if not (callable(compiler) or compiler in torch._dynamo.list_backends(exclude_tags=())):
+            raise ValueError(
+                "compiler must be 'inductor', another torch.compile backend's name (torch._dynamo.list_backends()) "
+                f"or a callable (gm, example_inputs) -> callable, got {compiler!r}"
+            )
         self.report = report if report is not None else OScaRReport(self.config)
         self.registry = CacheRegistry(self.config)
         self.inductor_options = dict(inductor_options or {})
-        self.inner = inner
-        self.graphs = []  # rewritten GraphModules, for inspection and tests
+        self.compiler = compiler
 
-    def __reduce__(self):  # a copy (deepcopy, pickle) starts with no graphs and no caches of its own yet
-        return (OScaRBackend, (self.config, self.report, self.inductor_options, self.inner))
+    def __reduce__(self):  # a copy (deepcopy, pickle) starts with no caches of its own yet
+        return (OScaRBackend, (self.config, self.report, self.inductor_options, self.compiler))
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> Callable:
         swaps = rewrite_graph(gm, example_inputs, self.registry, self.report)
-        self.graphs.append(gm)
-        if self.inner == "eager":
-            compiled = gm.forward
-        else:
+        if self.compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
             compiled = compile_fx(gm, example_inputs, config_patches=self.inductor_options or None)
+        else:
+            compiler = self.compiler if callable(self.compiler) else torch._dynamo.lookup_backend(self.compiler)
+            compiled = compiler(gm, example_inputs)
         if not swaps:
             return compiled
         return _swap_after_first_run(compiled, swaps)

@@ -130,7 +130,7 @@ def test_transformers_auto_compile_does_not_wrap_a_model_compiled_in_place():
     compile_config._compile_all_devices = True
     model.generation_config.compile_config = compile_config
     torch._dynamo.reset()
-    backend = OScaRBackend(CFG, inner="eager")
+    backend = OScaRBackend(CFG, compiler="eager")
     compiled = torch.compile(model._call_impl, backend=backend)
 
     def no_grad_call(*args, **kwargs):  # how oscar.compile installs its compiled call (without Inductor here)
@@ -323,7 +323,7 @@ def test_sliding_window_bytes_match_transformers_static_cache():
 
     use_oscar_cache(model, CFG)
     torch._dynamo.reset()
-    backend = OScaRBackend(CFG, inner="eager")  # the report oscar.compile fills, without Inductor
+    backend = OScaRBackend(CFG, compiler="eager")  # the report oscar.compile fills, without Inductor
     model.compile(backend=backend)
     model.generate(ids, max_new_tokens=20, **GREEDY)
     cache = model.generate.cache

@@ -31,6 +31,18 @@ TOLERANCES = {torch.float32: (ATOL, RTOL), torch.bfloat16: (4e-2, 2e-2)}
 CONFIG = OScaRConfig.paper(residual_length=32)
 
 
+class GraphRecorder:
+    """``OScaRBackend(compiler=GraphRecorder())``: keeps every rewritten GraphModule (``.graphs``), then compiles
+    it with the ``torch.compile`` backend ``then`` ("eager": the rewritten graph runs as is)."""
+
+    def __init__(self, then="eager"):
+        self.graphs, self.then = [], then
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return torch._dynamo.lookup_backend(self.then)(gm, example_inputs)
+
+
 def attr(module, path):
     """``module.a.b.c`` for ``"a.b.c"`` (buffers or plain tensor attributes); ``"k[1]"``: layer 1 of ``k``."""
     path, _, index = path.partition("[")

@@ -102,7 +102,7 @@ def test_replaced_cache_that_a_later_graph_cannot_rewrite_raises():
 
 
 def test_autograd_enabled_leaves_sites_untouched():
-    backend = OScaRBackend(CONFIG, inner="eager")
+    backend = OScaRBackend(CONFIG, compiler="eager")
     model = Decoder(n_layers=1)
     plain = Decoder(n_layers=1)
     plain.load_state_dict(model.state_dict())

@@ -3,7 +3,7 @@
 A corpus of decoders written the ways other code bases write them (from their ideas, tests/passes/pass_models.py):
 each is rewritten and equals the OScaR reference numerics (fake-quantized history, attend-then-append), or is
 left untouched with a reason and equals the uncompiled model. Most run the rewritten graph as is
-(``OScaRBackend(inner="eager")``: the matching is the subject, not Inductor); the issue's gpt-fast spelling and
+(``OScaRBackend(compiler="eager")``: the matching is the subject, not Inductor); the issue's gpt-fast spelling and
 Meta's reference layout also go through ``oscar.compile`` with Inductor.
 """
 
@@ -40,7 +40,7 @@ def run_eager_backend(make, steps, *, rewritten, skipped=0, reasons=()):
     torch.manual_seed(0)
     model = make().eval()
     eager, full = copy.deepcopy(model), copy.deepcopy(model)
-    backend = OScaRBackend(CONFIG, inner="eager")
+    backend = OScaRBackend(CONFIG, compiler="eager")
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     with torch.no_grad():
         outs = [compiled(x, pos) for x, pos in steps]
@@ -131,7 +131,7 @@ def test_torchtune_style_mask_positions_out_of_step_with_the_counter_raise():
     # the mask was checked assuming pos equals the counter's positions: a call breaking that fails loudly
     torch.manual_seed(0)
     model = TorchtuneStyle().eval()
-    compiled = torch.compile(model, backend=OScaRBackend(CONFIG, inner="eager"), fullgraph=True, dynamic=False)
+    compiled = torch.compile(model, backend=OScaRBackend(CONFIG, compiler="eager"), fullgraph=True, dynamic=False)
     (x0, p0), (x1, p1) = decode_steps(decode=1)
     with torch.no_grad():
         compiled(x0, p0)
@@ -205,7 +205,7 @@ def test_int_start_narrow_write_and_growing_prefix_read():
     torch.manual_seed(0)
     model = IntStartDecoder().eval()
     eager = copy.deepcopy(model)
-    backend = OScaRBackend(CONFIG, inner="eager")
+    backend = OScaRBackend(CONFIG, compiler="eager")
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     steps = meta_steps()
     with torch.no_grad():
