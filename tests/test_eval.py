@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from testing_utils import bits, randn, seeds
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import Cache, DynamicLayer
 
 from oscar_compile import OScaRConfig, fake_quantize
@@ -160,3 +160,16 @@ def test_kl_from_the_bf16_cache(model, ids):
     assert res["bf16"].kl is None and torch.equal(res["again"].kl, torch.zeros(2, dtype=torch.float64))
     assert (res["o2"].kl > res["o4"].kl).all() and (res["o4"].kl > 0).all()
     assert continuation_nll(model, ids, CONTEXT, methods[2:3], CHUNK)["o2"].kl is None
+
+
+def test_sliding_window_model_reproduced_exactly():
+    # Gemma-3-style layers (two sliding, one global): the harness keeps every layer's whole history and the
+    # model's own mask applies the window, so quantizing nothing gives the plain model's NLL
+    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=32, sliding_window=16, use_sliding_window=True,
+                      layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(cfg).eval().double()
+    ids = torch.randint(0, 97, (2, CONTEXT + CONT + 1), generator=torch.Generator().manual_seed(2))
+    res = continuation_nll(m, ids, CONTEXT, [KVMethod("none", "none")], CHUNK)["none"]
+    torch.testing.assert_close(res.nll, _plain_nll(m, ids).double(), rtol=1e-10, atol=1e-10)

@@ -64,7 +64,7 @@ def prefill(model, ids: torch.Tensor, record_queries: int = NUM_QUERIES):
     ``record_queries`` of the prompt, after RoPE) feed the adaptive key transform, as the cache would
     use the prompt's queries when it quantizes the prompt.
     """
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # full layers everywhere: sliding-window layers keep their whole prompt (masked)
     queries: dict[int, torch.Tensor] = {}
     with _record_queries(model, queries, record_queries):
         try:
