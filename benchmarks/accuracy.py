@@ -182,6 +182,9 @@ def run_layer_damage(model, tok, model_name, context, args, out: Path) -> None:
         pred["value_ms"].append(float(v.float().square().mean()))
         pred["key_logit"].append(sum(float(key_transform_errors(k[i:i + 1], 2, 32, q[i:i + 1]).min(0).values.sum())
                                      for i in range(len(k))))
+    from oscar_compile.bit_budget import combine_ranks
+
+    pred["rank_sum (default)"] = combine_ranks(list(zip(pred["rel_x_value"], pred["key_logit"])))
     res = continuation_nll(model, windows, context, methods, CHUNK, kv)
     tokens = len(windows) * CONTINUATION
     base = res["bf16"].nll.sum().item()

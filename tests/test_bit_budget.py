@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import oscar_compile as oscar
 from oscar_compile import OScaRConfig, fake_quantize
-from oscar_compile.bit_budget import allocate_layer_bits, layer_damage, num_four_bit, plan_layer_bits
+from oscar_compile.bit_budget import allocate_layer_bits, combine_ranks, layer_damage, num_four_bit, plan_layer_bits
 from oscar_compile.eval import KVMethod, bits_per_element, make_cache
 from oscar_compile.eval.caches import FakeQuantCache
 from oscar_compile.hf_cache import OScaRCache, cache_kwarg_name, use_oscar_attention, use_oscar_cache
@@ -43,6 +43,18 @@ def test_allocation_follows_the_layers_under_a_permutation(scores, budget, seed)
     bits = allocate_layer_bits(scores, budget)
     permuted = allocate_layer_bits([scores[p] for p in perm], budget)
     assert permuted == tuple(bits[p] for p in perm)
+
+
+@settings(max_examples=30, deadline=None)
+@given(a=st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=40, unique=True), seed=st.integers(0, 99))
+def test_rank_sum_of_two_predictors(a, seed):
+    b = torch.rand(len(a), generator=torch.Generator().manual_seed(seed)).tolist()
+    ranks = combine_ranks(list(zip(a, b)))
+    assert sorted(ranks) != [] and sum(ranks) == len(a) * (len(a) - 1)  # each predictor ranks 0 .. L-1 once
+    only_a = combine_ranks([(x,) for x in a])
+    assert sorted(range(len(a)), key=lambda i: only_a[i]) == sorted(range(len(a)), key=lambda i: a[i])
+    agree = combine_ranks(list(zip(a, a)))  # two views that agree: the same order as either
+    assert [2 * r for r in only_a] == agree
 
 
 @pytest.mark.parametrize("layers, want", [(30, {2.25: 3, 2.5: 7, 3.0: 15}), (24, {2.25: 3, 2.5: 6, 3.0: 12})])
