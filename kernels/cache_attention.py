@@ -148,7 +148,7 @@ def cache_attention_ref(
 #   also store each row's natural-log sum of exp (the flash route below merges with it).
 #
 # The quantized stage never dequantizes keys and never interleaves bit fields back into token/channel
-# order:
+# order. Per tile: _tile_scores (keys), _online_softmax_step, _tile_values (values).
 # * Rows. A program serves RB query rows (row = i * GROUP + g: all query heads of its kv head, so the
 #   packed cache is read once per kv head) times the NGT = BLOCK_N / G quantization groups of a tile:
 #   tile row m = gt * RB + r. Row (gt, r) only scores the tokens of group gt of every tile, so each
@@ -167,15 +167,12 @@ def cache_attention_ref(
 #   a group's bytes); accumulator k holds output channels PB*c + k and is stored to those columns.
 # * Bit fields become fp16 four bytes at a time in inline PTX (triton_utils._codes_f16), in the MMA
 #   operand layout (Triton converts the packed bytes, not the fp16 codes, to that layout).
-# What limits it now (SASS for sm_90 + the H200 sweep): ~6 instructions per cached element per tile,
-# mostly the value path (bytes of 4 token rows regathered per MMA fragment, parameters broadcast
-# through shared memory) and ~60 barriers per tile; latency-bound at 4 CTAs per SM.
 # Steps of >= DENSE_MIN_QUERIES positions (prefill) take the flash route (kernels/new_token_attention.py):
 # the kernels attend to the stored tokens only (ATTEND_NEW=False) and flash attention to the step's own
 # tokens, merged by LSE; shorter multi-token steps, softcap and windows run the new-token loop here
 # (CUDA cores, O(T_q^2) per kv head: fine for a few tokens). Each row block re-reads the stored cache, so
 # a long step over a long stored cache (chunked prefill) is not tuned.
-# Measured decode speed on the H200: benchmarks/README.md.
+# Measured decode speed on the H200, what limits it and what was tried: benchmarks/README.md.
 
 @triton.jit
 def _softcap_log2(x, softcap):
@@ -241,6 +238,89 @@ def _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc
         vmn = tl.load(val_mn_h + (t0 + i) * svmt + vm_offs, mask=p_mask, other=0.0)
         vsc = tl.load(val_scale_h + (t0 + i) * svmt + vm_offs, mask=p_mask, other=0.0)
     return vb, vmn, vsc
+
+
+@triton.jit
+def _tile_scores(key_mn_h, key_scale_h, key_codes_h, key_norms_b, t0, km_offs, kc_offs, nrm_offs, skmg, skct, sknt,  #
+                 qd, scl, gsel, gt, tok, q_pos, d_ok, n_quant, softcap, window, G: tl.constexpr, BITS: tl.constexpr,  #
+                 ASM: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,  #
+                 EVEN_D: tl.constexpr, MASK_N: tl.constexpr):  # fmt: skip
+    # scores (log2 units) of the tile's PB token subsets, each [BM, BLOCK_N / PB] (subset i: tokens
+    # tok + i); with 4-bit codes (2 subsets) s2, s3 repeat s0, s1 and are not used
+    PB: tl.constexpr = 8 // BITS
+    if EVEN_D and not MASK_N:
+        kmn = tl.load(key_mn_h + (t0 // G) * skmg + km_offs)
+        ksc = tl.load(key_scale_h + (t0 // G) * skmg + km_offs)
+    else:
+        kp_mask = d_ok[None, :]
+        if MASK_N:
+            kp_mask = kp_mask & (t0 + gt * G < n_quant)[:, None]
+        kmn = tl.load(key_mn_h + (t0 // G) * skmg + km_offs, mask=kp_mask, other=0.0)
+        ksc = tl.load(key_scale_h + (t0 // G) * skmg + km_offs, mask=kp_mask, other=0.0)
+    qt = (qd * ksc.to(tl.float32)).to(tl.float16)  # the row's query times its group's key step
+    bias = tl.sum(qd * kmn.to(tl.float32), axis=1)  # the row's query . its group's key minimum
+    if EVEN_D and not MASK_N:
+        kb = tl.load(key_codes_h + (t0 // PB) * skct + kc_offs)
+    else:
+        kc_mask = d_ok[None, :]
+        if MASK_N:
+            kc_mask = kc_mask & (tok < n_quant)[:, None]
+        kb = tl.load(key_codes_h + (t0 // PB) * skct + kc_offs, mask=kc_mask, other=0)
+    s0 = _key_subset_scores(kb, 0, qt, bias, key_norms_b + t0 * sknt + nrm_offs, scl, gsel, tok, q_pos, n_quant,
+                            softcap, window, BITS, ASM, SOFTCAP, WINDOW, CAUSAL, MASK_N)  # fmt: skip
+    s1 = _key_subset_scores(kb, 1, qt, bias, key_norms_b + (t0 + 1) * sknt + nrm_offs, scl, gsel, tok + 1, q_pos,
+                            n_quant, softcap, window, BITS, ASM, SOFTCAP, WINDOW, CAUSAL, MASK_N)  # fmt: skip
+    if BITS == 2:
+        s2 = _key_subset_scores(kb, 2, qt, bias, key_norms_b + (t0 + 2) * sknt + nrm_offs, scl, gsel, tok + 2, q_pos,
+                                n_quant, softcap, window, BITS, ASM, SOFTCAP, WINDOW, CAUSAL, MASK_N)  # fmt: skip
+        s3 = _key_subset_scores(kb, 3, qt, bias, key_norms_b + (t0 + 3) * sknt + nrm_offs, scl, gsel, tok + 3, q_pos,
+                                n_quant, softcap, window, BITS, ASM, SOFTCAP, WINDOW, CAUSAL, MASK_N)  # fmt: skip
+    else:
+        s2, s3 = s0, s1
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def _online_softmax_step(m_i, l_i, s0, s1, s2, s3, BITS: tl.constexpr):
+    # online softmax over one tile's subset scores (log2 units): new running max and sum, the factor
+    # alpha that rescales what was accumulated before, and the tile's probabilities p_i = 2^(s_i - max)
+    mx = tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1))
+    if BITS == 2:
+        mx = tl.maximum(mx, tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
+    m_new = tl.maximum(m_i, mx)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p0 = tl.exp2(s0 - m_safe[:, None])
+    p1 = tl.exp2(s1 - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p0, axis=1) + tl.sum(p1, axis=1)
+    if BITS == 2:
+        p2 = tl.exp2(s2 - m_safe[:, None])
+        p3 = tl.exp2(s3 - m_safe[:, None])
+        l_i += tl.sum(p2, axis=1) + tl.sum(p3, axis=1)
+    else:
+        p2, p3 = p0, p1
+    return m_new, l_i, alpha, p0, p1, p2, p3
+
+
+@triton.jit
+def _tile_values(acc0, acc1, acc2, acc3, p0, p1, p2, p3, val_codes_h, val_mn_h, val_scale_h, t0, svct, svmt, vc_offs,  #
+                 vm_offs, c_ok3, e_ok3, tok, n_quant, BITS: tl.constexpr, ASM: tl.constexpr, EVEN_C: tl.constexpr,  #
+                 MASK_N: tl.constexpr):  # fmt: skip
+    # acc_k += p_i @ values of token subset i, channel subset k, for every token subset i of the tile
+    PB: tl.constexpr = 8 // BITS
+    for i in tl.static_range(PB):
+        if i == 0:
+            p = p0
+        elif i == 1:
+            p = p1
+        elif i == 2:
+            p = p2
+        else:
+            p = p3
+        vb, vmn, vsc = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc_offs, vm_offs,
+                                          c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
+        acc0, acc1, acc2, acc3 = _value_subset(acc0, acc1, acc2, acc3, p.to(tl.float16), vb, vmn, vsc, BITS, ASM)
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -411,67 +491,15 @@ def _cache_attn_split_kernel(
         val_scale_h = val_scale + b * svmb + h * svmh
         for t0 in range(start, end, BLOCK_N):
             tok = t0 + PB * offs_j  # subset 0's tokens
-            kp_mask = d_ok[None, :]
-            if MASK_N:
-                kp_mask = kp_mask & (t0 + gt * G < n_quant)[:, None]
-            if EVEN_D and not MASK_N:
-                kmn = tl.load(key_mn_h + (t0 // G) * skmg + km_offs)
-                ksc = tl.load(key_scale_h + (t0 // G) * skmg + km_offs)
-            else:
-                kmn = tl.load(key_mn_h + (t0 // G) * skmg + km_offs, mask=kp_mask, other=0.0)
-                ksc = tl.load(key_scale_h + (t0 // G) * skmg + km_offs, mask=kp_mask, other=0.0)
-            qt = (qd * ksc.to(tl.float32)).to(tl.float16)
-            bias = tl.sum(qd * kmn.to(tl.float32), axis=1)
-            if EVEN_D and not MASK_N:
-                kb = tl.load(key_codes_h + (t0 // PB) * skct + kc_offs)
-            else:
-                kc_mask = d_ok[None, :]
-                if MASK_N:
-                    kc_mask = kc_mask & (tok < n_quant)[:, None]
-                kb = tl.load(key_codes_h + (t0 // PB) * skct + kc_offs, mask=kc_mask, other=0)
-            s0 = _key_subset_scores(kb, 0, qt, bias, key_norms_b + (t0 + 0) * sknt + nrm_offs,
-                                    scl, gsel, tok, q_pos, n_quant, softcap, window,
-                                    BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
-            s1 = _key_subset_scores(kb, 1, qt, bias, key_norms_b + (t0 + 1) * sknt + nrm_offs,
-                                    scl, gsel, tok + 1, q_pos, n_quant, softcap, window,
-                                    BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
-            mx = tl.maximum(tl.max(s0, axis=1), tl.max(s1, axis=1))
-            if BITS == 2:
-                s2 = _key_subset_scores(kb, 2, qt, bias, key_norms_b + (t0 + 2) * sknt + nrm_offs,
-                                        scl, gsel, tok + 2, q_pos, n_quant, softcap, window,
-                                        BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
-                s3 = _key_subset_scores(kb, 3, qt, bias, key_norms_b + (t0 + 3) * sknt + nrm_offs,
-                                        scl, gsel, tok + 3, q_pos, n_quant, softcap, window,
-                                        BITS, ASM, SOFTCAP, WINDOW, causal, MASK_N)  # fmt: skip
-                mx = tl.maximum(mx, tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
-            m_new = tl.maximum(m_i, mx)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p0 = tl.exp2(s0 - m_safe[:, None])
-            p1 = tl.exp2(s1 - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p0, axis=1) + tl.sum(p1, axis=1)
-            if BITS == 2:
-                p2 = tl.exp2(s2 - m_safe[:, None])
-                p3 = tl.exp2(s3 - m_safe[:, None])
-                l_i += tl.sum(p2, axis=1) + tl.sum(p3, axis=1)
-            m_i = m_new
-            acc0 *= alpha[:, None]
-            acc1 *= alpha[:, None]
-            acc2 *= alpha[:, None]
-            acc3 *= alpha[:, None]
-            for i in tl.static_range(PB):
-                if i == 0:
-                    p = p0
-                elif i == 1:
-                    p = p1
-                elif i == 2:
-                    p = p2
-                else:
-                    p = p3
-                vb, vmn, vsc = _load_value_subset(val_codes_h, val_mn_h, val_scale_h, t0, i, svct, svmt, vc_offs,
-                                                  vm_offs, c_ok3, e_ok3, tok, n_quant, EVEN_C, MASK_N)  # fmt: skip
-                acc0, acc1, acc2, acc3 = _value_subset(acc0, acc1, acc2, acc3, p.to(tl.float16), vb, vmn, vsc,
-                                                       BITS, ASM)  # fmt: skip
+            s0, s1, s2, s3 = _tile_scores(key_mn_h, key_scale_h, key_codes_h, key_norms_b, t0, km_offs, kc_offs,
+                                          nrm_offs, skmg, skct, sknt, qd, scl, gsel, gt, tok, q_pos, d_ok, n_quant,
+                                          softcap, window, G, BITS, ASM, SOFTCAP, WINDOW, causal, EVEN_D,
+                                          MASK_N)  # fmt: skip
+            m_i, l_i, alpha, p0, p1, p2, p3 = _online_softmax_step(m_i, l_i, s0, s1, s2, s3, BITS)
+            acc0, acc1, acc2, acc3 = _tile_values(acc0 * alpha[:, None], acc1 * alpha[:, None], acc2 * alpha[:, None],
+                                                  acc3 * alpha[:, None], p0, p1, p2, p3, val_codes_h, val_mn_h,
+                                                  val_scale_h, t0, svct, svmt, vc_offs, vm_offs, c_ok3, e_ok3, tok,
+                                                  n_quant, BITS, ASM, EVEN_C, MASK_N)  # fmt: skip
 
         # partials of the launch's rows: [B * Hkv, GROUP * T_LOC, SPLITS + RSPLITS, D_PAD] and [..., SPARTS]
         r_out = mb * RB + tl.arange(0, RB)
