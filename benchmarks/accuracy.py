@@ -308,13 +308,13 @@ PARETO = {  # family -> rows, in bits order
 
 def pareto(by, cols, path: Path, plt) -> None:
     """Perplexity increase vs stored bits per element, one panel per column, one line per family."""
-    cols = [c for c in cols if any(n in by[c] for rows in PARETO.values() for n in rows)]
+    cols = [c for c in cols if "-sw" not in c[0] and any(n in by[c] for rows in PARETO.values() for n in rows)]
     if not cols:
         return
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 4), squeeze=False)
     for ax, col in zip(axes[0], cols):
         for (family, names), marker in zip(PARETO.items(), "sDo"):
-            rows = [by[col][n] for n in names if n in by[col]]
+            rows = sorted((by[col][n] for n in names if n in by[col]), key=lambda r: r["bits"])
             if not rows:
                 continue
             ax.plot([r["bits"] for r in rows], [r["delta_pct"] for r in rows], marker=marker, label=family)
