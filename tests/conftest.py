@@ -3,16 +3,12 @@
 Strategies and helpers shared by test modules live in ``tests/testing_utils.py``.
 
 TRITON_INTERPRET must be set before triton kernel modules are imported so CPU runs the Triton
-kernels in the interpreter; OMP_NUM_THREADS=1 keeps compiled CPU code stable on small shared boxes, and
-TORCHINDUCTOR_COMPILE_THREADS=1 keeps Inductor's kernel compilation in-process there.
+kernels in the interpreter; OMP_NUM_THREADS=1 keeps compiled CPU code stable on small shared boxes.
 """
 
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Inductor compiles its C++ kernels in this process: on the 2-core test machines a pool of compile
-# subprocesses costs more (start-up, pickling every kernel) than its parallelism gives back
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 if not os.environ.get("OSCAR_TEST_CUDA"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
