@@ -174,7 +174,8 @@ def run_layer_damage(model, tok, model_name, context, args, out: Path) -> None:
     cfg2 = OScaRConfig()
     pred = {"abs_output": [], "rel_output": [], "rel_x_value": [], "value_ms": [], "key_logit": []}
     for k, v, q in kv:
-        pred["abs_output"].append(sum(layer_damage(k[i:i + 1], v[i:i + 1], q[i:i + 1], cfg2) for i in range(len(k))))
+        pred["abs_output"].append(sum(layer_damage(k[i:i + 1], v[i:i + 1], q[i:i + 1], cfg2, measure="output")
+                                      for i in range(len(k))))
         pred["rel_output"].append(sum(layer_damage(k[i:i + 1], v[i:i + 1], q[i:i + 1], cfg2, measure="relative")
                                       for i in range(len(k))))
         pred["rel_x_value"].append(sum(layer_damage(k[i:i + 1], v[i:i + 1], q[i:i + 1], cfg2, measure="relative_value")
