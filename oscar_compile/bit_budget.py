@@ -17,7 +17,7 @@ with the prompt's last ``NUM_QUERIES`` queries and its first ``MAX_TOKENS`` keys
 
 Layers are ranked by each; the damage score is the sum of the two ranks (:func:`combine_ranks`). Measured
 against the per-layer damage (KL divergence of the next-token distribution from the bf16 cache's, only that
-layer at 2 bits): Spearman +0.60 (SmolLM2) / +0.66 (Qwen2.5), and the 4-bit layers it picks hold 57-98% of
+layer at 2 bits): Spearman +0.58 (SmolLM2) / +0.66 (Qwen2.5), and the 4-bit layers it picks hold 57-98% of
 the damage the best possible pick would remove; either view alone fails on one model (the output view picks
 0.24 of the best on Qwen2.5 at 3 layers, the key view 0.30 on SmolLM2). Chosen on the same two models and
 windows it is scored on (benchmarks/README.md, "Bits budget").
