@@ -62,12 +62,14 @@ class OScaRConfig:
             "residual_length": "a positive multiple of group_size, e.g. 128",
         }
         b = self.bits
-        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not 2 <= b <= 4:
-            raise ValueError(f"OScaRConfig.bits must be 2, 4 or a bits budget between them (e.g. 2.5), got {b!r}")
-        if float(b) in SUPPORTED_BITS:  # 2.0 / 4.0 / numpy ints: the uniform int the kernels take
-            object.__setattr__(self, "bits", int(b))
-        else:
-            object.__setattr__(self, "bits", float(b))
+        what = f"one of {SUPPORTED_BITS}, or a bits budget between them such as 2.5"
+        if isinstance(b, bool) or not isinstance(b, numbers.Real) or (
+                not isinstance(b, numbers.Integral) and float(b) in SUPPORTED_BITS):
+            # 2.0 or True would reach the kernels as constexprs: a code width is an int, a budget a fraction
+            raise TypeError(f"OScaRConfig.bits must be an int ({what}), got {b!r} ({type(b).__name__})")
+        if not 2 <= b <= 4:
+            raise ValueError(f"OScaRConfig.bits must be {what}, got {b!r}")
+        object.__setattr__(self, "bits", int(b) if b in SUPPORTED_BITS else float(b))
         self._check_layer_bits()
         for name, what in accepted.items():  # ints only: 2.0 or True would reach the kernels as constexprs
             if name == "bits":
