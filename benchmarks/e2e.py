@@ -84,9 +84,8 @@ def kv_kind(method: str) -> str:
     return "oscar" if method == "oscar" else "bf16"
 
 
-def build_model(name: str, device: str) -> LlamaForCausalLM:
-    cfg = LlamaConfig(**MODELS[name], max_position_embeddings=262144, head_dim=None)
-    cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+def random_llama(cfg: LlamaConfig, device: str) -> LlamaForCausalLM:
+    """``cfg`` with random bf16 weights (seed 0) built on ``device``, in eval mode."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -94,6 +93,12 @@ def build_model(name: str, device: str) -> LlamaForCausalLM:
         model = LlamaForCausalLM(cfg)
     torch.set_default_dtype(default)
     return model.eval()
+
+
+def build_model(name: str, device: str) -> LlamaForCausalLM:
+    cfg = LlamaConfig(**MODELS[name], max_position_embeddings=262144, head_dim=None)
+    cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return random_llama(cfg, device)
 
 
 def sync(device):

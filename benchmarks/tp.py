@@ -51,6 +51,7 @@ from e2e import (  # noqa: E402  (benchmarks/e2e.py: one owner for fills, steps 
     fill_static,
     make_step,
     peak_gib,
+    random_llama,
     reset_memory,
     set_bf16_attention,
 )
@@ -86,21 +87,11 @@ def llama_config(name: str, layers: int) -> LlamaConfig:
 def build(name: str, layers: int, device: str, workdir: Path):
     """The model on this rank: random weights (seed 0); under TP saved by rank 0 and loaded with tp_plan."""
     cfg = llama_config(name, layers)
-
-    def fresh():
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-        torch.set_default_dtype(default)
-        return model.eval()
-
     if WORLD == 1:
-        return fresh()
+        return random_llama(cfg, device)
     path = workdir / f"{name}-L{cfg.num_hidden_layers}"
     if RANK == 0 and not (path / "config.json").exists():
-        model = fresh()
+        model = random_llama(cfg, device)
         model.save_pretrained(path)
         del model
         reset_memory(device)
