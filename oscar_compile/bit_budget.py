@@ -167,17 +167,21 @@ def record_prompt(model, store: dict, last: int = NUM_QUERIES):
         mapping[impl] = inner
 
 
-def budget_from_prompt(prompt_kv, config: OScaRConfig, layers=None) -> OScaRConfig:
+def budget_from_prompt(prompt_kv, config: OScaRConfig, layers=None, agree=None) -> OScaRConfig:
     """``config`` with its allocation decided from a prompt's per-layer ``(keys, values, queries)``.
 
     prompt_kv: one entry per decoder layer; ``layers``: indices of the layers the cache quantizes (default:
-    all), in order: ``layer_bits`` has one entry per quantized layer. A uniform or decided config is
-    returned unchanged."""
+    all), in order: ``layer_bits`` has one entry per quantized layer. ``agree``: maps the raw per-layer scores
+    (``[layers, 2]`` float64) to the ones every process must use; under tensor parallelism each rank sees
+    only its kv heads, so :func:`plan_layer_bits` passes ``tensor_parallel.agree_sum`` (the sum of the ranks'
+    scores) and every rank allocates the same bits. A uniform or decided config is returned unchanged."""
     if not config.needs_allocation:
         return config
     layers = range(len(prompt_kv)) if layers is None else layers
-    scores = combine_ranks([layer_scores(prompt_kv[i][0], prompt_kv[i][1], prompt_kv[i][2], config) for i in layers])
-    return config.with_layer_bits(allocate_layer_bits(scores, config.bits))
+    raw = [layer_scores(prompt_kv[i][0], prompt_kv[i][1], prompt_kv[i][2], config) for i in layers]
+    if agree is not None and raw:
+        raw = agree(torch.tensor(raw, dtype=torch.float64)).tolist()
+    return config.with_layer_bits(allocate_layer_bits(combine_ranks(raw), config.bits))
 
 
 @torch.no_grad()
@@ -186,7 +190,8 @@ def plan_layer_bits(model, input_ids: torch.Tensor, config: OScaRConfig, layers=
     """Decide a budget's allocation from a prompt: one full-precision pass (transformers' ``DynamicCache``)
     over ``input_ids[:, :max_tokens]`` ``[B, T]``, then :func:`budget_from_prompt`. The cost is a prefill of at
     most ``max_tokens`` tokens (benchmarks/README.md, "Bits budget"). Runs the model's eager forward (not a
-    compiled call), so it traces nothing."""
+    compiled call), so it traces nothing. On a tensor-parallel model every rank must call it (the forward and
+    the score agreement are collective) and every rank gets the same allocation."""
     if not config.needs_allocation:
         return config
     from transformers import DynamicCache
@@ -202,4 +207,7 @@ def plan_layer_bits(model, input_ids: torch.Tensor, config: OScaRConfig, layers=
         except TypeError:  # transformers 5.17 names the cache argument past_key_values
             forward(model, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
     kv = [(layer.keys, layer.values, queries.get(i)) for i, layer in enumerate(cache.layers)]
-    return budget_from_prompt(kv, config, layers)
+    from .tensor_parallel import agree_sum, tp_group
+
+    agree = (lambda scores: agree_sum(scores, model)) if tp_group(model) is not None else None
+    return budget_from_prompt(kv, config, layers, agree)

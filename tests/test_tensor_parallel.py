@@ -137,6 +137,35 @@ def test_decode_step_adds_no_collective(ranks, arch):
         assert counts["oscar"] == counts["bf16"] and counts["bf16"], counts
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_bits_budget_is_the_same_on_every_rank(ranks, arch):
+    # each rank scores only its own kv heads; plan_layer_bits sums the scores over the ranks (agree_sum). The
+    # tiny models happen to agree even without it: this runs the real collective path; the decision rule is
+    # pinned by test_budget_agreement_decides_on_the_summed_scores
+    from oscar_compile.bit_budget import num_four_bit
+
+    plans = [tuple(res["budget"]["tp"]) for res in each(ranks, arch)]
+    assert plans[0] == plans[1]
+    assert set(plans[0]) <= {2, 4} and plans[0].count(4) == num_four_bit(3.0, len(plans[0]))
+    assert len(plans[0]) == len(each(ranks, arch)[0]["budget"]["single"])
+
+
+def test_budget_agreement_decides_on_the_summed_scores(monkeypatch):
+    # two ranks whose own kv heads rank the layers oppositely: alone each would give 4 bits to a different
+    # layer; with the agreement both use the sum of the scores (what agree_sum computes across ranks)
+    from oscar_compile import bit_budget
+
+    local = {"a": [(1.0, 1.0), (0.0, 0.0)], "b": [(0.0, 0.0), (3.0, 3.0)]}
+    monkeypatch.setattr(bit_budget, "layer_scores", lambda keys, values, queries, config: local[keys][values])
+    cfg = OScaRConfig(bits=3.0)  # 1 of 2 layers at 4 bits
+    kv = {r: [(r, i, None) for i in range(2)] for r in local}
+    alone = {r: bit_budget.budget_from_prompt(kv[r], cfg).layer_bits for r in local}
+    assert alone["a"] != alone["b"]
+    total = torch.tensor(local["a"], dtype=torch.float64) + torch.tensor(local["b"], dtype=torch.float64)
+    agreed = {r: bit_budget.budget_from_prompt(kv[r], cfg, agree=lambda scores: total).layer_bits for r in local}
+    assert agreed["a"] == agreed["b"] == (2, 4)
+
+
 def test_ranks_that_disagree_are_reported(ranks):
     for res in each(ranks, "llama"):
         msg = res["consistent_error"]

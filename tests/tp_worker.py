@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from oscar_compile import OScaRConfig, tensor_parallel  # noqa: E402
+from oscar_compile.bit_budget import plan_layer_bits  # noqa: E402
 from oscar_compile.hf_cache import OScaRCache, OScaRLayer, use_oscar_attention, use_oscar_cache  # noqa: E402
 from tp_reference import ARCHS, RankGroupCache, chunk_ids, register_rank_group_attention, run_chunks  # noqa: E402
 
@@ -160,6 +161,10 @@ def run_arch(arch: str, path: Path, world: int) -> dict:
         out[f"{name}_rows"] = (kept.oscar_layers[0].batch_size, rows)
     out["hooked"] = hooked
     res["generate"] = out
+
+    # 6. a bits budget: each rank scores only its own kv heads; the allocation must be the same on every rank
+    sp_plan = plan_layer_bits(sp, prompt, OScaRConfig(bits=3.0))
+    res["budget"] = dict(tp=plan_layer_bits(tp, prompt, OScaRConfig(bits=3.0)).layer_bits, single=sp_plan.layer_bits)
     return res
 
 
