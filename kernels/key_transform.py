@@ -35,7 +35,7 @@ import torch
 from .hadamard import hadamard_transform
 from .quantization import dequantize_groups, key_token_norms, quantize_groups
 
-__all__ = ["CANDIDATES", "FALLBACK_FLAGS", "choose_key_flags", "key_transform_errors"]
+__all__ = ["CANDIDATES", "FALLBACK_FLAGS", "allowed_candidates", "choose_key_flags", "key_transform_errors"]
 
 # (rotate, scale) candidates, in tie-break order.
 CANDIDATES: tuple[tuple[bool, bool], ...] = ((False, True), (True, True), (False, False), (True, False))
@@ -106,6 +106,11 @@ def key_transform_errors(
     return torch.stack(errs)
 
 
+def allowed_candidates(rotate="auto", scale="auto") -> list[tuple[bool, bool]]:
+    """The ``CANDIDATES`` (in tie-break order) a setting lets compete: "auto" allows both values, a bool only itself."""
+    return [(r, c) for r, c in CANDIDATES if (rotate == "auto" or r == rotate) and (scale == "auto" or c == scale)]
+
+
 def choose_key_flags(
     keys: torch.Tensor,
     bits: int,
@@ -135,7 +140,7 @@ def choose_key_flags(
         fr, fs = FALLBACK_FLAGS
         full = lambda v: torch.full((h,), v, dtype=torch.bool, device=keys.device)  # noqa: E731
         return full(fr if rotate == "auto" else rotate), full(fs if scale == "auto" else scale)
-    allowed = [(r, c) for r, c in CANDIDATES if (rotate == "auto" or r == rotate) and (scale == "auto" or c == scale)]
+    allowed = allowed_candidates(rotate, scale)
     errs = key_transform_errors(keys, bits, group_size, queries, max_tokens, candidates=allowed)
     best = errs.argmin(dim=0)  # first minimum on ties (CANDIDATES order)
     table = torch.tensor(allowed, dtype=torch.bool, device=keys.device)  # [n_allowed, 2]

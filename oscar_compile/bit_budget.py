@@ -38,7 +38,7 @@ import torch
 
 from .config import OScaRConfig
 from .fake_quant import resolve_key_flags
-from .kernels.key_transform import MAX_TOKENS, NUM_QUERIES, key_transform_errors
+from .kernels.key_transform import MAX_TOKENS, NUM_QUERIES, allowed_candidates, key_transform_errors
 from .kernels.quantization import dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
 __all__ = ["allocate_layer_bits", "combine_ranks", "layer_damage", "layer_scores", "num_four_bit", "plan_layer_bits",
@@ -118,9 +118,7 @@ def key_logit_error(keys: torch.Tensor, queries: torch.Tensor | None, config: OS
     """The "auto" key rule's error at ``bits`` (its best allowed transform per kv head), summed over kv heads."""
     if min(keys.shape[2], MAX_TOKENS) < config.group_size:
         return 0.0
-    allowed = [(r, c) for r, c in ((False, True), (True, True), (False, False), (True, False))
-               if (config.rotate_keys == "auto" or r == config.rotate_keys)
-               and (config.token_scaling == "auto" or c == config.token_scaling)]
+    allowed = allowed_candidates(config.rotate_keys, config.token_scaling)
     errs = key_transform_errors(keys, bits, config.group_size, queries, candidates=allowed)
     return float(errs.min(0).values.sum())
 
