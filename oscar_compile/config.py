@@ -57,7 +57,6 @@ class OScaRConfig:
 
     def __post_init__(self):
         accepted = {
-            "bits": f"one of {SUPPORTED_BITS}",
             "group_size": "a power of two >= 8, e.g. 32",
             "residual_length": "a positive multiple of group_size, e.g. 128",
         }
@@ -72,8 +71,6 @@ class OScaRConfig:
         object.__setattr__(self, "bits", int(b) if b in SUPPORTED_BITS else float(b))
         self._check_layer_bits()
         for name, what in accepted.items():  # ints only: 2.0 or True would reach the kernels as constexprs
-            if name == "bits":
-                continue
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"OScaRConfig.{name} must be an int ({what}), got {v!r} ({type(v).__name__})")
