@@ -439,6 +439,13 @@ def layer_nbytes(keys: OScaRKeyCache, values: OScaRValueCache) -> int:
     return keys.nbytes_quantized() + values.nbytes_quantized()
 
 
+def layer_slots(keys: OScaRKeyCache) -> int:
+    """Key and value element slots one layer's OScaR state allocates, ``2 * B * Hkv * capacity * D``:
+    ``8 * layer_nbytes / layer_slots`` is the exact bits per element it holds."""
+    b, hkv, _, d = keys.residual_keys.shape
+    return 2 * b * hkv * keys.capacity * d
+
+
 # ops that keep a transposed view (``KVView.transposed``) a cache; every other op on one goes to
 # _transposed_op
 _TRANSPOSED_OPS = {aten.alias.default, aten.detach.default, aten.clone.default, aten._to_copy.default}

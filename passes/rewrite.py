@@ -39,8 +39,8 @@ from torch._dynamo.source import ConstantSource
 from torch._dynamo.utils import counters
 
 from ..kv_tensor import (
-    OScaRKeyCache, OScaRValueCache, attend_halves, decide_key_flags, is_oscar_cache, layer_nbytes, mark_static_state,
-    new_kv_cache,
+    OScaRKeyCache, OScaRValueCache, attend_halves, decide_key_flags, is_oscar_cache, layer_nbytes, layer_slots,
+    mark_static_state, new_kv_cache,
 )  # fmt: skip
 from .cache_trace import layer_index, root
 from .graph import clean_path, meta_val, mutations, op_name, shape_of, source_name
@@ -177,12 +177,6 @@ class ReplacedCache:
     keys: OScaRKeyCache
     values: OScaRValueCache
     bf16_bytes: int
-
-
-def _slots(keys: OScaRKeyCache) -> int:
-    """Key and value element slots a layer's OScaR state allocates (``2 * B * Hkv * capacity * D``)."""
-    b, hkv, _, d = keys.residual_keys.shape
-    return 2 * b * hkv * keys.capacity * d
 
 
 class CacheRegistry:
@@ -367,7 +361,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, registry: CacheRegistry, r
             k_half, v_half, bf16 = state.keys, state.values, state.bf16_bytes
             k_node, v_node = _get_attrs(gm, sites, registry, state)
         _rewrite_group(graph, sites, k_node, v_node)
-        report.add_cache(name, bf16, layer_nbytes(k_half, v_half), _slots(k_half), k_half.bits)
+        report.add_cache(name, bf16, layer_nbytes(k_half, v_half), layer_slots(k_half), k_half.bits)
         for s in sites:
             report.add_rewritten(
                 SiteRecord(s.name, s.kind, name, s.heads, s.kv_heads, s.head_dim, s.mask_kind, s.write_op)
@@ -515,7 +509,7 @@ def _record_cache_subclass_sites(graph: fx.Graph, values, report: OScaRReport) -
             SiteRecord(name, "sdpa (OScaRCache)", accounting[0], qs[1] if qs else -1, hkv, d,
                        "attention_mask (left padding)", ",".join(writes) or "none")  # fmt: skip
         )
-        report.add_cache(accounting[0], accounting[1], layer_nbytes(kt, vt), _slots(kt), kt.bits)
+        report.add_cache(accounting[0], accounting[1], layer_nbytes(kt, vt), layer_slots(kt), kt.bits)
 
 
 def _is_oscar(node) -> bool:
