@@ -75,7 +75,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from . import ops
 from .config import OScaRConfig
 from .kernels.attention_ref import masked_softmax
-from .kv_tensor import OScaRKeyCache, clear_pending, is_oscar_cache, layer_nbytes, mark_static_state, new_kv_cache
+from .kv_tensor import (
+    OScaRKeyCache, clear_pending, is_oscar_cache, layer_nbytes, layer_slots, mark_static_state, new_kv_cache,
+)  # fmt: skip
+from .tensor_parallel import local_kv_heads
 
 __all__ = [
     "OScaRCache",
@@ -513,7 +516,7 @@ class OScaRCache(Cache):
         exceeds the long-context figure (``2 + 1 + norms`` at 2 bits) for short caches."""
         ours, theirs = self.nbytes(), self.bf16_nbytes()
         layers = [la for la in self.oscar_layers if la.is_initialized]
-        slots = sum(2 * la.batch_size * la.num_heads * la.max_cache_len * la.head_dim for la in layers)
+        slots = sum(layer_slots(la.keys) for la in layers)
         return {
             "oscar_bytes": ours,
             "static_cache_bytes": theirs,
@@ -958,11 +961,8 @@ class OScaRGenerate:
         if len(set(getattr(self.model, "hf_device_map", {"": 0}).values())) > 1:
             return  # layers spread over devices allocate at their first step
         text = self.model.config.get_text_config(decoder=True)
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        # tensor parallelism (tp_plan): transformers' per-rank shape, so a rank allocates its own kv heads only
-        shape = getattr(self.model, "_get_static_cache_init_shape", lambda: None)() if getattr(self.model, "_tp_size", None) else None
-        if shape is not None:
-            heads = shape[0]
+        # under tensor parallelism (tp_plan) a rank allocates its own kv heads only
+        heads = local_kv_heads(self.model)
         cache.early_initialization(rows, heads, _head_dim(text), self.model.dtype, self.model.device)
 
     def release(self) -> None:

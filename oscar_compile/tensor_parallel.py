@@ -85,9 +85,10 @@ def tp_group(model):
 
 
 def local_kv_heads(model) -> Union[int, list]:
-    """kv heads of each layer on this rank: transformers' own per-rank static-cache shape where it has one
-    (the heads its TP plan leaves on a rank), else the config's count."""
-    shape = model._get_static_cache_init_shape() if hasattr(model, "_get_static_cache_init_shape") else None
+    """kv heads of each layer on this rank: under a TP plan, transformers' own per-rank static-cache shape (the
+    heads its plan leaves on a rank) where it has one, else the config's count."""
+    tp = (getattr(model, "_tp_size", None) or 1) > 1 and hasattr(model, "_get_static_cache_init_shape")
+    shape = model._get_static_cache_init_shape() if tp else None
     if shape is not None:
         return shape[0]
     text = model.config.get_text_config(decoder=True)
