@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_BITS", "codes_per_byte", "pack_codes", "unpack_codes"]
+__all__ = ["SUPPORTED_BITS", "codes_per_byte", "pack_codes", "unpack_codes", "unpack_plane"]
 
 SUPPORTED_BITS = (2, 4)
 
@@ -68,3 +68,20 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     codes = (moved.unsqueeze(-1) >> _shifts(bits, packed.device)) & mask
     codes = codes.reshape(*moved.shape[:-1], moved.shape[-1] * per_byte)
     return codes.movedim(-1, dim).contiguous()
+
+
+def unpack_plane(packed: torch.Tensor, bits: int, i: int) -> torch.Tensor:
+    """Bit field ``i`` of every byte: the uint8 codes of elements ``8 // bits * j + i`` along the packed dim.
+
+    Same shape as ``packed``. Stacking the ``8 // bits`` planes right after the packed dim and merging the
+    two dims gives :func:`unpack_codes`. A plane is two elementwise passes with scalar shift and mask (the
+    CPU attention, ``kernels/cpu_attention.py``, dequantizes plane by plane and never interleaves the codes
+    back into element order).
+    """
+    per_byte = codes_per_byte(bits)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
+    if not 0 <= i < per_byte:
+        raise ValueError(f"bit field {i} outside [0, {per_byte}) for bits={bits}")
+    shifted = packed >> (bits * i) if i else packed
+    return shifted if i == per_byte - 1 else shifted & ((1 << bits) - 1)

@@ -35,7 +35,9 @@ attention first, then append (DESIGN.md §2, "attend-then-append").
 Backends:
 
 * fake impls: shapes only (no data access), so ``torch.compile`` traces both ops with static shapes;
-* CPU: the pure-torch references ``append_kv_ref`` / ``cache_attention_ref`` (host-synchronizing);
+* CPU: the pure-torch references ``append_kv_ref`` / ``cache_attention_ref`` (host-synchronizing); the step op
+  ``attend_append`` attends with ``kernels.cpu_attention.cache_attention_cpu`` (the reference's semantics, without
+  unpacking and dequantizing the whole cache in separate passes);
 * CUDA: the Triton launchers ``kernels.append_kv.append_kv`` / ``kernels.cache_attention.cache_attention``
   through ``torch.library.triton_op``: under torch.compile on CUDA the op is decomposed into its
   ``wrap_triton`` kernel calls, so Inductor sees (and CUDA graphs capture) the kernels. For that the
@@ -67,6 +69,7 @@ from .kernels.attention_ref import masked_softmax
 from .kernels.cache_attention import cache_attention as _cache_attention_launcher
 from .kernels.cache_attention import cache_attention_ref
 from .kernels.cache_layout import CacheFormat, CacheTensors
+from .kernels.cpu_attention import cache_attention_cpu
 from .kernels.key_transform import choose_key_flags as _choose_key_flags
 from .kernels.new_token_attention import DENSE_MIN_QUERIES, causal_attention
 
@@ -247,7 +250,7 @@ def _attend_append_op(query, *args) -> Tensor:
 
 def _attend_append_impl(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window, stored_empty) -> Tensor:
     """The body of ``oscar::attend_append`` (also called directly by :func:`attend_append` when eager on CUDA)."""
-    attend, append = cache_attention_ref, append_kv_ref
+    attend, append = cache_attention_cpu, append_kv_ref  # the reference's semantics, fast enough to decode on CPU
     kw = dict(scale=scale, softcap=softcap, window=window)
     if query.device.type == "cuda":
         attend, append = _cache_attention_launcher, _append_kv_launcher

@@ -40,6 +40,20 @@ def test_documented_bit_order():
     assert pack_codes(torch.tensor([5, 10], dtype=torch.uint8), 4, 0).item() == 5 | 10 << 4
 
 
+@given(b=bits, dim=st.integers(0, 3), seed=st.integers(0, 1000))
+def test_bit_planes_are_the_codes_of_every_per_byte_th_element(b, dim, seed):
+    # unpack_plane(i): the codes of elements per_byte * j + i; the planes interleaved along dim are unpack_codes
+    from oscar_compile.kernels.packing import unpack_plane
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = [2, 3, 5, 7]
+    shape[dim] = 1 + seed % 5
+    packed = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    planes = [unpack_plane(packed, b, i) for i in range(codes_per_byte(b))]
+    assert all(p.dtype == torch.uint8 and p.shape == packed.shape for p in planes)
+    assert torch.equal(torch.stack(planes, dim + 1).flatten(dim, dim + 1), unpack_codes(packed, b, dim))
+
+
 def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="bits"):
         pack_codes(torch.zeros(8, dtype=torch.uint8), 3, 0)
@@ -49,6 +63,12 @@ def test_bad_inputs_are_rejected():
         pack_codes(torch.zeros(6, dtype=torch.uint8), 2, 0)
     with pytest.raises(TypeError, match="uint8"):
         unpack_codes(torch.zeros(8, dtype=torch.float32), 2, 0)
+    from oscar_compile.kernels.packing import unpack_plane
+
+    with pytest.raises(TypeError, match="uint8"):
+        unpack_plane(torch.zeros(8, dtype=torch.int32), 2, 0)
+    with pytest.raises(ValueError, match="bit field 4"):
+        unpack_plane(torch.zeros(8, dtype=torch.uint8), 2, 4)
 
 
 @pytest.mark.parametrize("b", [2, 4])
