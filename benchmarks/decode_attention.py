@@ -57,14 +57,16 @@ LAYERS = 32
 # stage-1 variants tried by --sweep (on top of the current kernels.cache_attention.TUNING; the H200
 # sweep of 2026-11-28 is in benchmarks/README.md)
 SWEEP = [
-    dict(long=None),  # the 4-warp settings everywhere
-    dict(long=None, num_warps=2, maxnreg=0, programs_per_sm=8),  # the "long" settings everywhere
-    dict(min_tiles=1),
-    dict(long_tiles=4),
-    dict(long={"num_warps": 2, "maxnreg": 0, "programs_per_sm": 6, "num_stages": 2}),
+    dict(gluon=None),  # the Triton kernel alone (the 2026-11-29 default)
+    dict(gluon={"warps": 1, "programs_per_sm": 16, "min_tiles": 4}),
+    dict(gluon={"warps": 1, "programs_per_sm": 16, "min_tiles": 2, "maxnreg": 128}),
+    dict(gluon={"warps": 2, "programs_per_sm": 8, "min_tiles": 2}),
+    dict(gluon={"warps": 4, "programs_per_sm": 4, "min_tiles": 2, "maxnreg": 168}),
+    dict(gluon={"warps": 4, "programs_per_sm": 4, "min_tiles": 2, "maxnreg": 128}),
+    dict(gluon={"warps": 4, "programs_per_sm": 8, "min_tiles": 1, "maxnreg": 128}),
 ]
 # (batch, context) cases of the sweep; the best configuration is chosen by the last one
-SWEEP_CASES = [(1, 8192), (1, 32768), (8, 32768), (1, 131072)]
+SWEEP_CASES = [(1, 8192), (1, 32768), (8, 8192), (32, 8192), (8, 32768), (1, 131072)]
 CHECK = False  # --check: compare each OScaR case with cache_attention_ref once (after timing)
 COMPARE = None  # --compare MODULE: another cache_attention implementation timed as column "cmp"
 

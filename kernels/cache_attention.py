@@ -23,6 +23,11 @@ from .quantization import QuantizedKeys, QuantizedValues
 from .new_token_attention import causal_attention, causal_attention_lse, merge_attention, uses_dense_new_tokens
 from .triton_utils import _codes_f16, _fwht_rows, _to_dtype, next_pow2, num_sms
 
+try:  # the Gluon kernel for the quantized prefix on CUDA (imported here so its op registers once, untraced)
+    from . import cache_attention_gluon
+except ImportError:  # a Triton without Gluon: the Triton kernel alone
+    cache_attention_gluon = None
+
 __all__ = ["cache_attention", "cache_attention_ref", "check_attention_inputs", "num_kv_splits", "split_launch_config"]
 
 
@@ -395,14 +400,15 @@ def _cache_attn_split_kernel(
     RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, VC: tl.constexpr,  #
     SPLITS: tl.constexpr, RSPLITS: tl.constexpr,  #
     HAS_SKIP: tl.constexpr, HAS_NEW: tl.constexpr, ATTEND_NEW: tl.constexpr, SOFTCAP: tl.constexpr,  #
-    WINDOW: tl.constexpr, ASM: tl.constexpr,  #
+    WINDOW: tl.constexpr, ASM: tl.constexpr, FIRST_SPLIT: tl.constexpr,  #
 ):
     # Inductor passes Python floats to user Triton kernels as fp64; keep all math in fp32
     qk_scale, softcap, hscale = tl.cast(qk_scale, tl.float32), tl.cast(softcap, tl.float32), tl.cast(hscale, tl.float32)
-    # grid (row blocks, B * Hkv, SPLITS + RSPLITS); this launch serves query positions [Q0, Q0 + T_LOC)
+    # grid (row blocks, B * Hkv, SPLITS + RSPLITS - FIRST_SPLIT); this launch serves query positions
+    # [Q0, Q0 + T_LOC). FIRST_SPLIT = SPLITS: only the residual programs (the Gluon kernel takes the others)
     mb = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    split = tl.program_id(2)
+    split = tl.program_id(2) + FIRST_SPLIT
     b = pid_bh // HKV
     h = pid_bh % HKV
     ROW0 = Q0 * GROUP  # global row of local row 0
@@ -428,7 +434,7 @@ def _cache_attn_split_kernel(
 
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
-    if split < SPLITS:
+    if FIRST_SPLIT < SPLITS and split < SPLITS:
         rows_m = tl.arange(0, BM)
         gt = rows_m // RB  # group of the tile this row scores
         row = ROW0 + mb * RB + rows_m % RB
@@ -555,6 +561,27 @@ def _cache_attn_split_kernel(
 
 
 @triton.jit
+def _rotated_queries_kernel(q, key_rotated, out, qk_scale, hscale, T_Q, sqb, sqh, sqt, sqd,  #
+                            HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, LOG2_HB: tl.constexpr,  #
+                            TB: tl.constexpr):  # fmt: skip
+    # grid (B * Hq, cdiv(T_Q, TB)): out [B, Hq, T_Q, D] fp32 = the query rows, rotated where the kv head's
+    # keys are, times qk_scale * log2(e): what the split kernel computes per program, done once for the
+    # Gluon kernel (same operations in the same order)
+    qk_scale, hscale = tl.cast(qk_scale, tl.float32), tl.cast(hscale, tl.float32)
+    pid = tl.program_id(0)
+    b = pid // HQ
+    hq = pid % HQ
+    t = tl.program_id(1) * TB + tl.arange(0, TB)
+    d = tl.arange(0, D)
+    ok = (t < T_Q)[:, None]
+    x = tl.load(q + b * sqb + hq * sqh + t[:, None] * sqt + d[None, :] * sqd, mask=ok, other=0.0).to(tl.float32)
+    rot = tl.load(key_rotated + hq // GROUP) != 0
+    x = tl.where(rot, _fwht_rows(x, TB, D, LOG2_HB) * hscale, x)
+    x = x * (qk_scale * 1.4426950408889634)
+    tl.store(out + (pid.to(tl.int64) * T_Q + t[:, None]) * D + d[None, :], x, mask=ok)
+
+
+@triton.jit
 def _cache_attn_merge_kernel(
     part_o, part_lse, skip, out, lse_out, T_Q, hscale, Q0, T_LOC,  #
     sob, soh, sot, sod, slb, slh, slt,  #
@@ -648,11 +675,16 @@ def num_kv_splits(
 # measured, so other sizes run uncapped); "asm": inline-PTX code expansion; "min_tiles": fewest tiles
 # per split at a full cache (2: at batch 1 x 8K, 1-tile splits spend more on partials and the merge
 # than they gain in parallelism); "residual_splits": programs sharing the full-precision residual window.
-# "long": the settings used instead when each split streams at least "long_tiles" tiles at a full cache
+# "gluon": the quantized prefix through kernels/cache_attention_gluon.py where it applies (CUDA, its
+# formats, steps with new tokens and no softcap/window, at least "min_token_heads" cache slots
+# (batch x kv heads x capacity): below that its extra launches cost more than it saves, 1 x 8K on the
+# H200), None: the Triton kernel alone; "warps": warps per program (each streams its own tiles),
+# "programs_per_sm" / "min_tiles" as below, per program of "warps" tiles; "maxnreg": register cap. "long": the settings used instead when each split streams at least "long_tiles" tiles at a full cache
 # (batch 1 x 128K, batch 8 x 32K): 2 warps uncapped (fewer layout exchanges between warps per tile,
 # no spills) beat 4 warps there, and lose where splits are short. Defaults: the H200 sweep of 2026-11-29
 # (32/8 heads, D=128, INT2; benchmarks/README.md).
 TUNING = {
+    "gluon": {"warps": 4, "programs_per_sm": 4, "min_tiles": 2, "min_token_heads": 1 << 17},
     "block_n": 128,
     "tile_rows": 16,
     "num_warps": 4,
@@ -749,6 +781,24 @@ def cache_attention(
     return _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, window, attend_new=True, lse=False)[0]
 
 
+def _gluon_kernel(query, fmt: CacheFormat, d: int, d_pad: int, has_new: bool, softcap, window, slots: int):
+    """The Gluon module when its kernel serves this launch (CUDA, ``TUNING["gluon"]``, a format and step it
+    supports: new tokens given, no softcap or window, ``slots`` = batch x kv heads x capacity at least
+    ``min_token_heads``), else None."""
+    cfg = TUNING.get("gluon")
+    if query.device.type != "cuda" or not cfg or not has_new or softcap is not None or window is not None:
+        return None
+    if slots < cfg.get("min_token_heads", 0):
+        return None
+    if cache_attention_gluon is None:
+        return None
+    if not cache_attention_gluon.supports(d, d_pad, fmt.bits, fmt.group_size, fmt.residual_length):
+        return None
+    if torch.cuda.get_device_capability(query.device) < (8, 0):
+        return None
+    return cache_attention_gluon
+
+
 # Most scratch rows (sequences x query heads x query positions) one launch pair serves; longer steps are
 # launched in slices of query positions (keeps the partials' scratch and the grid bounded).
 MAX_SCRATCH_ROWS = 1 << 17
@@ -780,6 +830,12 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
     rb = max(1, TUNING["tile_rows"] // ngt)
     num_mb = -(-rows // rb)
     splits, cfg = split_launch_config(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n, d_pad)
+    gluon = _gluon_kernel(query, fmt, d, d_pad, new_keys is not None, softcap, window, bsz * hkv * cache.max_len)
+    if gluon is not None:  # the Gluon kernel takes the quantized prefix; Triton programs the residual only
+        gt = TUNING["gluon"]
+        splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n * gt["warps"],
+                               gt["programs_per_sm"], gt["min_tiles"])  # fmt: skip
+        cfg = {k: TUNING[k] for k in ("num_warps", "num_stages", "maxnreg")}
     rsplits = max(1, min(TUNING["residual_splits"], r // 32))  # powers of two: r is a multiple of 32
     rsplits = 1 << (rsplits.bit_length() - 1)
     while r % rsplits:
@@ -792,10 +848,23 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
     nv = new_values if has_new else cache.residual_values
     c = cache
     cap_regs = query.device.type == "cuda" and bool(cfg["maxnreg"])
+    first_split = 0 if gluon is None else splits
+    if gluon is not None:  # the queries rotated and scaled once, for every split program of the Gluon kernel
+        qrot = torch.empty((bsz, hq, tq, d), dtype=torch.float32, device=query.device)
+        torch.library.wrap_triton(_rotated_queries_kernel)[(bsz * hq, triton.cdiv(tq, 16))](
+            query, c.key_rotated, qrot, scale, 1.0 / math.sqrt(hb), tq, *query.stride(),
+            HQ=hq, GROUP=group, D=d, LOG2_HB=hb.bit_length() - 1, TB=16, num_warps=4)  # fmt: skip
     for q0 in range(0, tq, t_loc):
         n_loc = min(t_loc, tq - q0)
         scalars = (scale, float(softcap or 1.0), int(window or 0), 1.0 / math.sqrt(hb), tq, c.max_len, q0, n_loc)
-        torch.library.wrap_triton(_cache_attn_split_kernel)[(-(-group * n_loc // rb), bsz * hkv, splits + rsplits)](
+        if gluon is not None:
+            gluon.quantized_splits(
+                qrot, c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.value_codes, c.value_mn, c.value_scale,
+                c.lengths, skip, c.key_scaled, part_o, part_lse, q0, n_loc, c.max_len, bits, splits,
+                splits + rsplits, -(-group * n_loc // rb), TUNING["gluon"]["warps"],
+                TUNING["gluon"].get("maxnreg", 0))  # fmt: skip
+        torch.library.wrap_triton(_cache_attn_split_kernel)[
+            (-(-group * n_loc // rb), bsz * hkv, splits + rsplits - first_split)](
             query, c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.value_codes, c.value_mn, c.value_scale,
             c.residual_keys, c.residual_values, nk, nv, c.lengths, skip_arg, c.key_rotated, c.key_scaled,
             part_o, part_lse,
@@ -808,7 +877,7 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
             RB=rb, BLOCK_N=block_n, BLOCK_R=max(1, 8192 // (rb * d_pad)), RSPLITS=rsplits,
             VC=max(16, d_pad // per_byte), SPLITS=splits,
             HAS_SKIP=has_skip, HAS_NEW=has_new, ATTEND_NEW=has_new and attend_new, SOFTCAP=softcap is not None,
-            WINDOW=window is not None, ASM=query.device.type == "cuda" and TUNING["asm"],
+            WINDOW=window is not None, ASM=query.device.type == "cuda" and TUNING["asm"], FIRST_SPLIT=first_split,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if cap_regs else {}),
         )  # fmt: skip
