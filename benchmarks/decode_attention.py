@@ -55,15 +55,12 @@ BACKENDS = {
 LLAMA8B_WEIGHT_BYTES = 16.06e9  # bf16 parameters of Llama-3.1-8B, read once per decode step
 LAYERS = 32
 # stage-1 variants tried by --sweep (on top of the current kernels.cache_attention.TUNING; the H200
-# sweep of 2026-11-28 is in benchmarks/README.md)
+# sweeps are in benchmarks/README.md)
 SWEEP = [
-    dict(gluon=None),  # the Triton kernel alone (the 2026-11-29 default)
-    dict(gluon={"warps": 1, "programs_per_sm": 16, "min_tiles": 4}),
-    dict(gluon={"warps": 1, "programs_per_sm": 16, "min_tiles": 2, "maxnreg": 128}),
-    dict(gluon={"warps": 2, "programs_per_sm": 8, "min_tiles": 2}),
-    dict(gluon={"warps": 4, "programs_per_sm": 4, "min_tiles": 2, "maxnreg": 168}),
-    dict(gluon={"warps": 4, "programs_per_sm": 4, "min_tiles": 2, "maxnreg": 128}),
-    dict(gluon={"warps": 4, "programs_per_sm": 8, "min_tiles": 1, "maxnreg": 128}),
+    dict(gluon=None),  # the Triton kernel alone (the default before the Gluon kernel)
+    dict(gluon={"warps": 2, "programs_per_sm": 8, "min_tiles": 2, "min_token_heads": 1 << 17}),
+    dict(gluon={"warps": 4, "programs_per_sm": 8, "min_tiles": 1, "min_token_heads": 1 << 17}),
+    dict(gluon={"warps": 1, "programs_per_sm": 16, "min_tiles": 4, "min_token_heads": 1 << 17}),
 ]
 # (batch, context) cases of the sweep; the best configuration is chosen by the last one
 SWEEP_CASES = [(1, 8192), (1, 32768), (8, 8192), (32, 8192), (8, 32768), (1, 131072)]
