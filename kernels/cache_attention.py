@@ -747,7 +747,9 @@ def cache_attention(
     ``[B, Hq, T, D]`` contiguous, query dtype. head_dim 32, 64, 96, 128 or 256 (``cache_layout.
     TRITON_HEAD_DIMS``; ``check_triton_format`` owns the limits). Two launches (split-K
     stage over the quantized prefix and, in extra programs, the residual and new tokens; merge stage);
-    scratch for the partials is allocated here from static sizes; no host synchronization.
+    where ``TUNING["gluon"]`` routes the quantized prefix to ``kernels/cache_attention_gluon.py`` (CUDA,
+    2-bit, large caches), four: query rotation, the Gluon split kernel, the residual programs, the merge.
+    Scratch for the partials is allocated here from static sizes; no host synchronization.
 
     Numerics: the quantized part dots fp16 operands with fp32 accumulation: for keys the rotated,
     pre-scaled query times each group's fp16 scale (rounded to fp16 once) against the exact integer

@@ -35,7 +35,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .triton_utils import _code_asm
+from .triton_utils import _ASM_2_0, _ASM_2_2, _ASM_2_4, _ASM_2_6, _ASM_4_0, _ASM_4_4  # inline-PTX code expansion
 
 __all__ = ["quantized_split_kernel", "quantized_splits", "supports"]
 
@@ -105,31 +105,24 @@ def _value_byte_layout(W, NS, VC, OPERAND_ORDER):
     return _linear(W, reg, [[2, 0], [4, 0], [0, VC // 8], [0, VC // 4], [0, VC // 2]], [NS, VC])
 
 
-_ASM_2_0 = gl.constexpr(_code_asm(2, 0))
-_ASM_2_1 = gl.constexpr(_code_asm(2, 1))
-_ASM_2_2 = gl.constexpr(_code_asm(2, 2))
-_ASM_2_3 = gl.constexpr(_code_asm(2, 3))
-_ASM_4_0 = gl.constexpr(_code_asm(4, 0))
-_ASM_4_1 = gl.constexpr(_code_asm(4, 1))
-
-
 @gluon.jit
 def _codes(packed, BITS: gl.constexpr, I: gl.constexpr):
-    # bit field I of every packed byte -> exact fp16 code, four bytes per inline-PTX call
+    # bit field I of every packed byte -> exact fp16 code, four bytes per inline-PTX call (the PTX of
+    # triton_utils._codes_f16; named by the field's bit offset)
     if BITS == 2:
         if I == 0:
             asm: gl.constexpr = _ASM_2_0
         elif I == 1:
-            asm: gl.constexpr = _ASM_2_1
-        elif I == 2:
             asm: gl.constexpr = _ASM_2_2
+        elif I == 2:
+            asm: gl.constexpr = _ASM_2_4
         else:
-            asm: gl.constexpr = _ASM_2_3
+            asm: gl.constexpr = _ASM_2_6
     else:
         if I == 0:
             asm: gl.constexpr = _ASM_4_0
         else:
-            asm: gl.constexpr = _ASM_4_1
+            asm: gl.constexpr = _ASM_4_4
     return gl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=gl.float16, is_pure=True, pack=4)
 
 
