@@ -206,6 +206,10 @@ def fill_static(cache: StaticCache, model, batch: int, context: int, device: str
             layer.lazy_initialization(k, k)
         layer.keys[:, :, :context].normal_(generator=gen)
         layer.values[:, :, :context].normal_(generator=gen)
+        # StaticLayer.update writes at its own counter (transformers 5.17 ignores cache_position there):
+        # without this the timed steps would overwrite positions 0, 1, ... instead of appending at `context`
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length.fill_(context)
 
 
 def fill_dynamic(cache: DynamicCache, model, batch: int, context: int, device: str):

@@ -375,10 +375,7 @@ def fill_bf16(cache, view, batch, context, device):
     """Random keys/values in positions [0, context) and the layers' write counter at ``context``: transformers'
     StaticLayer.update writes at its own ``cumulative_length`` (5.17 ignores ``cache_position`` there), so without
     it the timed steps would overwrite positions 0, 1, ... of the filled cache."""
-    fill_static(cache, view, batch, context, device)
-    for layer in cache.layers:
-        if hasattr(layer, "cumulative_length"):
-            layer.cumulative_length.fill_(context)
+    fill_static(cache, view, batch, context, device)  # sets the write counters too
 
 
 def cache_state(cache, method: str) -> dict:
