@@ -859,8 +859,9 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
     for q0 in range(0, tq, t_loc):
         n_loc = min(t_loc, tq - q0)
         scalars = (scale, float(softcap or 1.0), int(window or 0), 1.0 / math.sqrt(hb), tq, c.max_len, q0, n_loc)
-        if gluon is not None:
-            gluon.quantized_splits(
+        if gluon is not None:  # eager: the launcher itself (no op dispatch); traced: the opaque op
+            traced = torch.compiler.is_compiling() or type(query) is not torch.Tensor
+            (gluon.quantized_splits if traced else gluon.launch_quantized_splits)(
                 qrot, c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.value_codes, c.value_mn, c.value_scale,
                 c.lengths, skip, c.key_scaled, part_o, part_lse, q0, n_loc, c.max_len, bits, splits,
                 splits + rsplits, -(-group * n_loc // rb), TUNING["gluon"]["warps"],

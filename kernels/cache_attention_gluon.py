@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .triton_utils import _ASM_2_0, _ASM_2_2, _ASM_2_4, _ASM_2_6, _ASM_4_0, _ASM_4_4  # inline-PTX code expansion
 
-__all__ = ["quantized_split_kernel", "quantized_splits", "supports"]
+__all__ = ["launch_quantized_splits", "quantized_split_kernel", "quantized_splits", "supports"]
 
 BLOCK_N = gl.constexpr(128)  # tokens per tile (one warp's step)
 
@@ -362,7 +362,7 @@ def quantized_split_kernel(
         _store_merged(acc3, m_i, l_i, o_ptrs, part_lse + slot, o_ok, NR, RB, VC, PB, 3, W, False)
 
 
-def _launch_quantized_splits(qrot: torch.Tensor, key_codes: torch.Tensor, key_mn: torch.Tensor,
+def launch_quantized_splits(qrot: torch.Tensor, key_codes: torch.Tensor, key_mn: torch.Tensor,
                              key_scale: torch.Tensor, key_norms: torch.Tensor, value_codes: torch.Tensor,
                              value_mn: torch.Tensor, value_scale: torch.Tensor, lengths: torch.Tensor,
                              skip: Optional[torch.Tensor], key_scaled: torch.Tensor, part_o: torch.Tensor,
@@ -381,10 +381,10 @@ def _launch_quantized_splits(qrot: torch.Tensor, key_codes: torch.Tensor, key_mn
     )  # fmt: skip
 
 
-# An opaque op (not wrap_triton): torch.compile's user-kernel path handles Triton kernels, not Gluon ones,
-# so traced graphs keep this launch as one node (CUDA graphs capture it like any op).
+# The same launch as an opaque op, for traced code (not wrap_triton: torch.compile's user-kernel path handles
+# Triton kernels, not Gluon ones), so a traced graph keeps it as one node (CUDA graphs capture it like any op).
 quantized_splits = torch.library.custom_op("oscar::gluon_quantized_splits", mutates_args=("part_o", "part_lse"))(
-    _launch_quantized_splits)  # fmt: skip
+    launch_quantized_splits)  # fmt: skip
 
 
 @quantized_splits.register_fake
