@@ -314,11 +314,11 @@ def pareto(by, cols, path: Path, plt) -> None:
         return
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 4), squeeze=False)
     for ax, col in zip(axes[0], cols):
-        for (family, names), marker in zip(PARETO.items(), "sDo"):
+        for (family, names), marker, color in zip(PARETO.items(), "sDo", ("C0", "C1", "C2")):
             rows = sorted((by[col][n] for n in names if n in by[col]), key=lambda r: r["bits"])
             if not rows:
-                continue
-            ax.plot([r["bits"] for r in rows], [r["delta_pct"] for r in rows], marker=marker, label=family)
+                continue  # a fixed colour per family: a panel without some family keeps the others' colours
+            ax.plot([r["bits"] for r in rows], [r["delta_pct"] for r in rows], marker=marker, label=family, color=color)
             for r in rows:
                 ax.annotate(r["method"], (r["bits"], r["delta_pct"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_title(_label(col), fontsize=9)
