@@ -17,8 +17,9 @@ $(VENV)/.installed-%: setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[$*]'
 	touch $@
 
+# two pytest-xdist workers of one thread each (a 2-core box)
 test: $(VENV)/.installed-test
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 demo: $(VENV)/.installed-eval
 	$(PY) -m oscar_compile.demo

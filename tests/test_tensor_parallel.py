@@ -34,8 +34,30 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Run the worker on two ranks; ``[rank0 results, rank1 results]``."""
-    models, out = tmp_path_factory.mktemp("tp_models"), tmp_path_factory.mktemp("tp_out")
+    """Run the worker on two ranks; ``[rank0 results, rank1 results]``.
+
+    Under pytest-xdist (``make test`` runs two workers) the tests of this module may land on both workers: the
+    first one to get here launches torchrun and the other waits for it (a file lock in the run's shared temp
+    directory) and loads the same result files, so the two-rank run happens once per test session."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _launch_ranks(tmp_path_factory.mktemp("tp_models"), tmp_path_factory.mktemp("tp_out"))
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent / "tp_ranks"  # the directory every worker's basetemp is in
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "done"
+        if done.exists():
+            return [torch.load(shared / "out" / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        (shared / "models").mkdir(exist_ok=True)
+        (shared / "out").mkdir(exist_ok=True)
+        results = _launch_ranks(shared / "models", shared / "out")
+        done.touch()
+        return results
+
+
+def _launch_ranks(models, out):
     for arch in ARCHS:
         save_tiny(arch, models / arch)
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
