@@ -183,7 +183,7 @@ def test_empty_cache_and_padding_rows():
 
 
 @st.composite
-def long_step_cases(draw, bits=None):
+def long_step_cases(draw):
     heads = draw(st.sampled_from(HEADS))
     batch = draw(st.integers(1, 3))
     tq = draw(st.sampled_from((2, 5, 16, 33)))
@@ -191,7 +191,7 @@ def long_step_cases(draw, bits=None):
         heads=heads,
         group=draw(st.sampled_from(GROUPS)),
         dim=draw(st.sampled_from(DIMS)),
-        bits=bits or draw(st.sampled_from((2, 4))),
+        bits=draw(st.sampled_from((2, 4))),
         rotate_values=draw(st.booleans()),
         dtype=draw(st.sampled_from((torch.float16, torch.bfloat16))),
         lengths=draw(st.lists(st.integers(0, MAX_STORED), min_size=batch, max_size=batch)),
@@ -201,14 +201,11 @@ def long_step_cases(draw, bits=None):
     )
 
 
-# one test per bit width, half the examples each (the suite's slowest test: two halves balance across workers)
-@pytest.mark.parametrize("bits", [2, 4])
-@settings(max_examples=-(-EXAMPLES // 2), deadline=None)
-@given(data=st.data())
-def test_long_steps_flash_route_matches_reference(bits, data):
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=long_step_cases())
+def test_long_steps_flash_route_matches_reference(case):
     """Multi-token steps past DENSE_MIN_QUERIES (lowered here to 2): stored tokens through the kernel
     with their log-sum-exp, the step's own tokens through flash attention, merged; left pads rotated."""
-    case = data.draw(long_step_cases(bits))
     fmt = CacheFormat(case["bits"], 32, RESIDUALS[0], case["rotate_values"])
     h, d, dtype, tq, b = case["heads"], case["dim"], case["dtype"], case["tq"], len(case["lengths"])
     cache = filled_cache(fmt, case["lengths"], h, d, dtype, True, True, case["seed"])
