@@ -25,7 +25,7 @@ from .triton_utils import _codes_f16, _fwht_rows, _to_dtype, next_pow2, num_sms
 
 try:  # the Gluon kernel for the quantized prefix on CUDA (imported here so its op registers once, untraced)
     from . import cache_attention_gluon
-except ImportError:  # a Triton without Gluon: the Triton kernel alone
+except (ImportError, AttributeError):  # a Triton without Gluon, or without the Gluon API it uses: Triton alone
     cache_attention_gluon = None
 
 __all__ = ["cache_attention", "cache_attention_ref", "check_attention_inputs", "num_kv_splits", "split_launch_config"]
