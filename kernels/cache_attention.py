@@ -86,6 +86,31 @@ def _sequence_slices(cache: CacheTensors, fmt: CacheFormat, b: int, n_quant: int
     return keys, values
 
 
+def sequence_full_precision(cache: CacheTensors, fmt: CacheFormat, new_keys, new_values, b: int, length: int,
+                            skip: int) -> tuple:
+    """Sequence ``b``'s split at ``length`` stored tokens: ``(n_quant, keys, values)`` with ``n_quant`` the
+    quantized prefix and keys/values ``[1, Hkv, n, D]`` (cache dtype) its full-precision tokens after it: the
+    residual window, then the step's own tokens from ``skip`` on (if given)."""
+    r = fmt.residual_length
+    n_quant, n_res = length // r * r, length % r
+    res_k = [cache.residual_keys[b : b + 1, :, :n_res]]
+    res_v = [cache.residual_values[b : b + 1, :, :n_res]]
+    if new_keys is not None:
+        res_k.append(new_keys[b : b + 1, :, skip:].to(res_k[0].dtype))
+        res_v.append(new_values[b : b + 1, :, skip:].to(res_v[0].dtype))
+    return n_quant, torch.cat(res_k, 2), torch.cat(res_v, 2)
+
+
+def attention_mask(total: int, n_q: int, window, device) -> torch.Tensor:
+    """``[n_q, total]`` bool: the last ``n_q`` of ``total`` positions query causally (and within ``window``)."""
+    q_pos = torch.arange(total - n_q, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
 @torch.no_grad()
 def cache_attention_ref(
     query: torch.Tensor,
@@ -102,29 +127,17 @@ def cache_attention_ref(
     """query ``[B, Hq, T, D]``, new keys/values ``[B, Hkv, T, D]`` or None -> ``[B, Hq, T, D]`` (query dtype)."""
     check_attention_inputs(query, cache, new_keys, new_values, skip)
     bsz, hq, tq, d = query.shape
-    r = fmt.residual_length
     out = torch.zeros_like(query)
     lengths = cache.lengths.tolist()
     skips = [0] * bsz if skip is None else skip.tolist()
     for b in range(bsz):
-        length, s = lengths[b], skips[b]
-        n_quant, n_res = length // r * r, length % r
+        s = skips[b]
+        n_quant, res_k, res_v = sequence_full_precision(cache, fmt, new_keys, new_values, b, lengths[b], s)
         keys, values = _sequence_slices(cache, fmt, b, n_quant)
-        res_k = [cache.residual_keys[b : b + 1, :, :n_res]]
-        res_v = [cache.residual_values[b : b + 1, :, :n_res]]
-        if new_keys is not None:
-            res_k.append(new_keys[b : b + 1, :, s:].to(res_k[0].dtype))
-            res_v.append(new_values[b : b + 1, :, s:].to(res_v[0].dtype))
-        res_k, res_v = torch.cat(res_k, 2), torch.cat(res_v, 2)
         total = n_quant + res_k.shape[2]
         if total == 0 or s >= tq:
             continue
-        n_q = tq - s
-        q_pos = torch.arange(total - n_q, total, device=query.device)[:, None]
-        k_pos = torch.arange(total, device=query.device)[None, :]
-        allowed = k_pos <= q_pos
-        if window is not None:
-            allowed &= k_pos > q_pos - window
+        allowed = attention_mask(total, tq - s, window, query.device)
         out[b : b + 1, :, s:] = quantized_attention_ref(
             query[b : b + 1, :, s:],
             keys,
@@ -831,13 +844,14 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
     ngt = block_n // g
     rb = max(1, TUNING["tile_rows"] // ngt)
     num_mb = -(-rows // rb)
-    splits, cfg = split_launch_config(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n, d_pad)
     gluon = _gluon_kernel(query, fmt, d, d_pad, new_keys is not None, softcap, window, bsz * hkv * cache.max_len)
     if gluon is not None:  # the Gluon kernel takes the quantized prefix; Triton programs the residual only
         gt = TUNING["gluon"]
         splits = num_kv_splits(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n * gt["warps"],
                                gt["programs_per_sm"], gt["min_tiles"])  # fmt: skip
         cfg = {k: TUNING[k] for k in ("num_warps", "num_stages", "maxnreg")}
+    else:
+        splits, cfg = split_launch_config(bsz, hkv, num_mb, cache.max_len, num_sms(query.device), block_n, d_pad)
     rsplits = max(1, min(TUNING["residual_splits"], r // 32))  # powers of two: r is a multiple of 32
     rsplits = 1 << (rsplits.bit_length() - 1)
     while r % rsplits:
@@ -856,18 +870,19 @@ def _launch(query, cache, fmt, new_keys, new_values, skip, scale, softcap, windo
         torch.library.wrap_triton(_rotated_queries_kernel)[(bsz * hq, triton.cdiv(tq, 16))](
             query, c.key_rotated, qrot, scale, 1.0 / math.sqrt(hb), tq, *query.stride(),
             HQ=hq, GROUP=group, D=d, LOG2_HB=hb.bit_length() - 1, TB=16, num_warps=4)  # fmt: skip
+        # eager: the launcher itself (no op dispatch); traced: the opaque op
+        traced = torch.compiler.is_compiling() or type(query) is not torch.Tensor
+        launch_gluon = gluon.quantized_splits if traced else gluon.launch_quantized_splits
     for q0 in range(0, tq, t_loc):
         n_loc = min(t_loc, tq - q0)
+        row_blocks = -(-group * n_loc // rb)
         scalars = (scale, float(softcap or 1.0), int(window or 0), 1.0 / math.sqrt(hb), tq, c.max_len, q0, n_loc)
-        if gluon is not None:  # eager: the launcher itself (no op dispatch); traced: the opaque op
-            traced = torch.compiler.is_compiling() or type(query) is not torch.Tensor
-            (gluon.quantized_splits if traced else gluon.launch_quantized_splits)(
+        if gluon is not None:
+            launch_gluon(
                 qrot, c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.value_codes, c.value_mn, c.value_scale,
                 c.lengths, skip, c.key_scaled, part_o, part_lse, q0, n_loc, c.max_len, bits, splits,
-                splits + rsplits, -(-group * n_loc // rb), TUNING["gluon"]["warps"],
-                TUNING["gluon"].get("maxnreg", 0))  # fmt: skip
-        torch.library.wrap_triton(_cache_attn_split_kernel)[
-            (-(-group * n_loc // rb), bsz * hkv, splits + rsplits - first_split)](
+                splits + rsplits, row_blocks, gt["warps"], gt.get("maxnreg", 0))  # fmt: skip
+        torch.library.wrap_triton(_cache_attn_split_kernel)[(row_blocks, bsz * hkv, splits + rsplits - first_split)](
             query, c.key_codes, c.key_mn, c.key_scale, c.key_norms, c.value_codes, c.value_mn, c.value_scale,
             c.residual_keys, c.residual_values, nk, nv, c.lengths, skip_arg, c.key_rotated, c.key_scaled,
             part_o, part_lse,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .attention_ref import masked_softmax
-from .cache_attention import check_attention_inputs
+from .cache_attention import attention_mask, check_attention_inputs, sequence_full_precision
 from .cache_layout import CacheFormat, CacheTensors
 from .hadamard import hadamard_transform
 from .packing import codes_per_byte, unpack_plane
@@ -104,14 +104,9 @@ def cache_attention_cpu(
     lengths = cache.lengths.tolist()
     skips = [0] * bsz if skip is None else skip.tolist()
     for b in range(bsz):
-        length, s = lengths[b], skips[b]
-        n_quant, n_res = length // r * r, length % r
-        res_k = [cache.residual_keys[b, :, :n_res]]
-        res_v = [cache.residual_values[b, :, :n_res]]
-        if new_keys is not None:
-            res_k.append(new_keys[b, :, s:].to(res_k[0].dtype))
-            res_v.append(new_values[b, :, s:].to(res_v[0].dtype))
-        res_k, res_v = torch.cat(res_k, 1), torch.cat(res_v, 1)  # [Hkv, n_r, D]
+        s = skips[b]
+        n_quant, res_k, res_v = sequence_full_precision(cache, fmt, new_keys, new_values, b, lengths[b], s)
+        res_k, res_v = res_k[0], res_v[0]  # [Hkv, n_r, D]
         total = n_quant + res_k.shape[1]
         if total == 0 or s >= tq:
             continue
@@ -129,11 +124,7 @@ def cache_attention_cpu(
         scores = torch.cat(parts, -1) * scale  # [Hkv, M, total]
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        q_pos = torch.arange(total - n_q, total, device=query.device)[:, None]
-        k_pos = torch.arange(total, device=query.device)[None, :]
-        allowed = k_pos <= q_pos
-        if window is not None:
-            allowed &= k_pos > q_pos - window
+        allowed = attention_mask(total, n_q, window, query.device)
         p = masked_softmax(scores.view(hkv, group, n_q, total), allowed).view(hkv, group * n_q, total)
         o = torch.zeros(hkv, group * n_q, d, device=query.device)
         if n_quant:
